@@ -1,0 +1,91 @@
+"""Prometheus metrics, all named intercom_forwarder_*. Passive: no tasks, no I/O.
+
+Each Service gets its own CollectorRegistry, so tests (and two services in one process)
+never share counters. Labels are low-cardinality by design: never an event name or a
+contact id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+PREFIX = "intercom_forwarder"
+
+
+class Metrics:
+    """Every metric the daemon exports; see docs/metrics.md for what each one means."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.events_received = Counter(
+            f"{PREFIX}_events_received",
+            "Events received at the intake, by outcome",
+            ["outcome"],  # accepted | duplicate | rejected | queue_full
+            registry=r,
+        )
+        self.metadata_keys_dropped = Counter(
+            f"{PREFIX}_metadata_keys_dropped",
+            "Metadata keys beyond Intercom's 10-key limit that were dropped",
+            registry=r,
+        )
+        self.unknown_fields_dropped = Counter(
+            f"{PREFIX}_unknown_fields_dropped",
+            "Unknown top-level event fields dropped at the intake",
+            registry=r,
+        )
+        self.events_forwarded = Counter(
+            f"{PREFIX}_events_forwarded",
+            "Forwarding results: delivered, retried (a retry scheduled) or dead_lettered",
+            ["result", "reason"],
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            f"{PREFIX}_queue_depth", "Events ready to send, waiting in the queue", registry=r
+        )
+        self.retry_waiting = Gauge(
+            f"{PREFIX}_retry_waiting", "Events waiting for their retry time", registry=r
+        )
+        self.upstream_requests = Counter(
+            f"{PREFIX}_upstream_requests",
+            "Requests sent to Intercom, by HTTP status (or 'error' for network failures)",
+            ["status"],
+            registry=r,
+        )
+        self.upstream_latency = Histogram(
+            f"{PREFIX}_upstream_latency_seconds",
+            "Latency of requests to Intercom",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=r,
+        )
+        self.rate_limit_wait = Counter(
+            f"{PREFIX}_rate_limit_wait_seconds",
+            "Time workers spent waiting on the rate limit",
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            f"{PREFIX}_rate_limited",
+            "429 Too Many Requests answers from Intercom",
+            registry=r,
+        )
+        self.paused = Gauge(
+            f"{PREFIX}_paused",
+            "1 while forwarding is paused because Intercom refused the token (401/403)",
+            registry=r,
+        )
+        self.spool_loaded = Gauge(
+            f"{PREFIX}_spool_loaded_events",
+            "Events reloaded from the spool when the daemon started",
+            registry=r,
+        )
+
+    def bind_queue(self, ready: Callable[[], int], waiting: Callable[[], int]) -> None:
+        """Read queue sizes at scrape time, so the hot path never updates a gauge."""
+        self.queue_depth.set_function(ready)
+        self.retry_waiting.set_function(waiting)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
