@@ -8,7 +8,14 @@ Stages never read the environment; service.py hands each its own section.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import difflib
+import math
+import os
+import tomllib
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 
 class ConfigError(ValueError):
@@ -69,6 +76,9 @@ class IntercomConfig:
     api_version: str = "2.14"
     workspace_id: str = "default"
     timeout_seconds: float = 10.0
+    # Where the token came from (e.g. "INTERCOM_ACCESS_TOKEN"), never its value. Set by
+    # load_config for check-config output; not a config key.
+    access_token_source: str = ""
 
     @property
     def effective_base_url(self) -> str:
@@ -137,14 +147,218 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
 
-def load_config(path: str | None = None, env: dict[str, str] | None = None) -> Config:
+ENV_PREFIX = "FORWARDER_"
+TOKEN_ENV = "INTERCOM_ACCESS_TOKEN"
+CREDENTIAL_NAME = "intercom-access-token"  # systemd LoadCredential=intercom-access-token:...
+REDACTED = "<redacted>"
+
+
+_SCHEMA = {  # section -> (dataclass, key -> type), in dataclass order
+    section: (
+        cls,
+        {k: t for k, t in typing.get_type_hints(cls).items() if k != "access_token_source"},
+    )
+    for section, cls in typing.get_type_hints(Config).items()
+}
+_ENV_KEYS = {  # FORWARDER_QUEUE__MAX_EVENTS -> ("queue", "max_events")
+    f"{ENV_PREFIX}{section.upper()}__{key.upper()}": (section, key)
+    for section, (_, keys) in _SCHEMA.items()
+    for key in keys
+}
+_KIND = {int: "an integer", float: "a number", str: "a string", Secret: "a string"}
+
+
+def _one_of(*choices: str) -> tuple[Callable[[typing.Any], bool], str]:
+    return (lambda v: v in choices), f"must be one of {' / '.join(choices)}"
+
+
+_AT_LEAST_1 = ((lambda v: v >= 1), "must be at least 1")
+_ABOVE_ZERO = ((lambda v: v > 0), "must be greater than 0")
+_NOT_BLANK = ((lambda v: bool(v.strip())), "must not be empty")
+# One rule per key; retry.max_delay_seconds >= base_delay_seconds is checked in _validate.
+_RULES: dict[str, tuple[Callable[[typing.Any], bool], str]] = {
+    "intake.port": ((lambda v: 0 <= v <= 65535), "must be between 0 and 65535 (0: any free port)"),
+    "intake.max_body_bytes": _AT_LEAST_1,
+    "intercom.base_url": (
+        (lambda v: not v or v.startswith(("http://", "https://"))),
+        "must start with http:// or https:// (or be empty: the region's URL)",
+    ),
+    "intercom.region": _one_of(*REGION_BASE_URLS),
+    "intercom.api_version": _NOT_BLANK,
+    "intercom.workspace_id": _NOT_BLANK,
+    "intercom.timeout_seconds": _ABOVE_ZERO,
+    "rate_limit.requests": _AT_LEAST_1,
+    "rate_limit.per_seconds": _ABOVE_ZERO,
+    "queue.max_events": _AT_LEAST_1,
+    "dedup.window_seconds": _ABOVE_ZERO,
+    "dedup.max_keys": _AT_LEAST_1,
+    "retry.max_attempts": _AT_LEAST_1,
+    "retry.base_delay_seconds": _ABOVE_ZERO,
+    "workers.concurrency": _AT_LEAST_1,
+    "storage.state_dir": _NOT_BLANK,
+    "storage.dead_letter_max_bytes": _AT_LEAST_1,
+    "storage.dead_letter_keep_files": _AT_LEAST_1,
+    "shutdown.drain_seconds": ((lambda v: v >= 0), "must be at least 0"),
+    "log.level": _one_of("debug", "info", "warning", "error"),
+    "log.format": _one_of("json", "console", "auto"),
+    "log.stats_interval_seconds": _ABOVE_ZERO,
+}
+
+
+def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -> Config:
     """TOML file (optional), then FORWARDER_* env, then the token; validated.
 
-    Raises ConfigError naming the key on any problem.
+    Raises ConfigError naming the key on any problem; no message ever holds the token.
     """
-    raise NotImplementedError  # written by the config helper
+    env = os.environ if env is None else env
+    values: dict[str, dict[str, object]] = {section: {} for section in _SCHEMA}
+    origins: dict[str, str] = {}  # key -> where its value came from, for messages
+    if path is not None:
+        for section, table in _read_toml(path).items():
+            if section not in _SCHEMA:
+                raise _unknown(section, "section", _SCHEMA)
+            if not isinstance(table, dict):
+                raise ConfigError(section, f"expected a table [{section}], got {_describe(table)}")
+            keys = _SCHEMA[section][1]
+            for key, value in table.items():
+                name = f"{section}.{key}"
+                if key not in keys:
+                    raise _unknown(name, "key", [f"{section}.{k}" for k in keys])
+                values[section][key] = _convert(name, value, keys[key], None)
+                origins[name] = f"config file {path}"
+    for var in sorted(v for v in env if v.startswith(ENV_PREFIX)):
+        if var not in _ENV_KEYS:
+            raise _unknown(var, "environment variable", _ENV_KEYS)
+        section, key = _ENV_KEYS[var]
+        name = f"{section}.{key}"
+        values[section][key] = _convert(name, env[var], _SCHEMA[section][1][key], var)
+        origins[name] = var
+    config = Config(**{s: _SCHEMA[s][0](**v) for s, v in values.items()})
+    _validate(config, origins)
+    token_origin = origins.get("intercom.access_token", "")
+    return replace(config, intercom=_resolve_token(config.intercom, env, token_origin))
+
+
+def _read_toml(path: str) -> dict[str, typing.Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(str(path), f"cannot read config file: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:  # its message gives line and column, never the text
+        raise ConfigError(str(path), f"invalid TOML: {e}") from None
+
+
+def _unknown(name: str, what: str, known: typing.Iterable[str]) -> ConfigError:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return ConfigError(name, f"unknown {what}" + (f" (did you mean {close[0]}?)" if close else ""))
+
+
+_TOML_KIND = {bool: "a boolean", int: "an integer", float: "a float", str: "a string"}
+
+
+def _describe(value: object, show: bool = False) -> str:
+    """A TOML value's type, and the value itself when show (never for the token)."""
+    text = _TOML_KIND.get(type(value)) or {dict: "a table", list: "an array"}.get(type(value))
+    if show and type(value) in _TOML_KIND:
+        return f"{text} ({str(value).lower() if type(value) is bool else repr(value)})"
+    return text or "a date or time"
+
+
+def _convert(name: str, value: object, typ: type, var: str | None) -> object:
+    """value as the key's type. From the environment (var set) it is a string to parse."""
+    if var is not None and typ in (int, float):
+        try:
+            value = typ(value)
+        except ValueError:
+            raise ConfigError(name, f"expected {_KIND[typ]}, got {value!r} (from {var})") from None
+    if typ is float and type(value) is int:  # a TOML `10` is fine where 10.0 is meant
+        value = float(value)
+    if type(value) is not (str if typ is Secret else typ):  # so a boolean is not an integer
+        raise ConfigError(name, f"expected {_KIND[typ]}, got {_describe(value, typ is not Secret)}")
+    if typ is float and not math.isfinite(value):  # TOML and float() both accept inf and nan
+        where = f" (from {var})" if var else ""
+        raise ConfigError(name, f"must be a finite number, got {value}{where}")
+    return Secret(value) if typ is Secret else value
+
+
+def _validate(config: Config, origins: Mapping[str, str]) -> None:
+    def fail(name: str, rule: str, value: object) -> typing.NoReturn:
+        origin = origins.get(name, "")
+        where = f" (from {origin})" if origin.startswith(ENV_PREFIX) else ""
+        raise ConfigError(name, f"{rule}, got {value!r}{where}")
+
+    for name, (check, rule) in _RULES.items():
+        section, key = name.split(".")
+        value = getattr(getattr(config, section), key)
+        if not check(value):
+            fail(name, rule, value)
+    retry = config.retry
+    if retry.max_delay_seconds < retry.base_delay_seconds:
+        rule = f"must be at least retry.base_delay_seconds ({retry.base_delay_seconds})"
+        fail("retry.max_delay_seconds", rule, retry.max_delay_seconds)
+
+
+def _resolve_token(ic: IntercomConfig, env: Mapping[str, str], origin: str) -> IntercomConfig:
+    """access_token, else access_token_file, else $CREDENTIALS_DIRECTORY, else the env var."""
+    credential = Path(env.get("CREDENTIALS_DIRECTORY") or "/nonexistent") / CREDENTIAL_NAME
+    if ic.access_token:
+        name, token, source = "intercom.access_token", ic.access_token.reveal(), origin
+    elif ic.access_token_file:
+        name, source = "intercom.access_token_file", f"access_token_file {ic.access_token_file}"
+        token = _read_token_file(Path(ic.access_token_file))
+    elif env.get("CREDENTIALS_DIRECTORY") and credential.exists():
+        # systemd's LoadCredential= sets CREDENTIALS_DIRECTORY; a unit may load other
+        # credentials but not ours, so a missing file here falls through to the variable.
+        name, source = "intercom.access_token_file", f"systemd credential {credential}"
+        token = _read_token_file(credential)
+    elif env.get(TOKEN_ENV):
+        name, token, source = TOKEN_ENV, env[TOKEN_ENV], TOKEN_ENV
+    else:
+        return ic
+    if token == REDACTED:
+        raise ConfigError(name, f"is the {REDACTED} placeholder from check-config, not a token")
+    if not all(33 <= ord(c) <= 126 for c in token):  # it goes into an HTTP header
+        raise ConfigError(name, "the token must be printable ASCII without spaces (not shown)")
+    return replace(ic, access_token=Secret(token), access_token_source=source)
+
+
+def _read_token_file(path: Path) -> str:
+    """The file's text stripped of surrounding whitespace (Docker secrets end in a newline)."""
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        why = getattr(e, "strerror", None) or "not UTF-8 text"
+        raise ConfigError("intercom.access_token_file", f"cannot read {path}: {why}") from None
+    if not token:
+        raise ConfigError("intercom.access_token_file", f"{path} is empty")
+    return token
+
+
+_TOML_ESCAPES = {c: f"\\u{c:04X}" for c in [*range(0x20), 0x7F] if c != 0x09}
+_TOML_ESCAPES |= {ord('"'): '\\"', ord("\\"): "\\\\"}
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, str):
+        return '"' + value.translate(_TOML_ESCAPES) + '"'
+    return repr(value)  # int, or a finite float: repr gives "10.0" and "1e-05", valid TOML
 
 
 def render_effective(config: Config) -> str:
     """The effective config as TOML text, with the token redacted (for check-config)."""
-    raise NotImplementedError  # written by the config helper
+    lines = ["# Effective configuration: defaults, then the file, then FORWARDER_* variables."]
+    for section, (_, keys) in _SCHEMA.items():
+        sub = getattr(config, section)
+        lines += ["", f"[{section}]"]
+        if isinstance(sub, IntercomConfig):
+            came = f"from {sub.access_token_source}" if sub.access_token else "not set"
+            lines.append(f"# access token: {came} (the value is never shown)")
+            if not sub.base_url:
+                lines.append(f"# base_url empty: {sub.region} region, {sub.effective_base_url}")
+        for key in keys:
+            value = getattr(sub, key)
+            if isinstance(value, Secret):
+                value = REDACTED if value else ""
+            lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
