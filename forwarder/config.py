@@ -151,6 +151,7 @@ ENV_PREFIX = "FORWARDER_"
 TOKEN_ENV = "INTERCOM_ACCESS_TOKEN"
 CREDENTIAL_NAME = "intercom-access-token"  # systemd LoadCredential=intercom-access-token:...
 REDACTED = "<redacted>"
+CONFIG_PATH_ENV = "FORWARDER_CONFIG"  # names the file; cli.py reads it, it is no key
 
 
 _SCHEMA = {  # section -> (dataclass, key -> type), in dataclass order
@@ -226,7 +227,7 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -
                     raise _unknown(name, "key", [f"{section}.{k}" for k in keys])
                 values[section][key] = _convert(name, value, keys[key], None)
                 origins[name] = f"config file {path}"
-    for var in sorted(v for v in env if v.startswith(ENV_PREFIX)):
+    for var in sorted(v for v in env if v.startswith(ENV_PREFIX) and v != CONFIG_PATH_ENV):
         if var not in _ENV_KEYS:
             raise _unknown(var, "environment variable", _ENV_KEYS)
         section, key = _ENV_KEYS[var]

@@ -224,6 +224,11 @@ def test_the_token_source_field_is_not_settable_from_the_environment():
     assert err.key == "FORWARDER_INTERCOM__ACCESS_TOKEN_SOURCE"
 
 
+def test_forwarder_config_is_left_to_the_cli_and_not_taken_for_a_key(tmp_path):
+    path = write(tmp_path, "[intake]\nport = 9000\n")
+    assert load_config(None, {"FORWARDER_CONFIG": path}) == Config()
+
+
 def test_variables_without_the_forwarder_prefix_are_ignored():
     env = {"PATH": "/usr/bin", "FORWARDERX": "1", "forwarder_intake__port": "x", "HOME": "/"}
     assert load_config(None, env) == Config()
