@@ -41,7 +41,7 @@ _first_u64 = struct.Struct("<Q").unpack_from
 class _Generation:
     """Keys added during one slice of time; they all expire together."""
 
-    __slots__ = ("closes_at", "expires_at", "keys", "cursor")
+    __slots__ = ("closes_at", "cursor", "expires_at", "keys")
 
     def __init__(self, closes_at: float, expires_at: float):
         self.closes_at = closes_at  # adds at monotonic time < closes_at land here
@@ -56,7 +56,7 @@ class DedupWindow:
     contains() and add() are O(1) amortised; expiry of a generation costs one pass over it.
     """
 
-    __slots__ = ("_window_s", "_width_s", "_max_keys", "_clock", "_where", "_gens")
+    __slots__ = ("_clock", "_gens", "_max_keys", "_where", "_width_s", "_window_s")
 
     def __init__(self, window_seconds: float, max_keys: int, clock: Clock):
         if window_seconds <= 0:
