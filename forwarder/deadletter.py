@@ -1,0 +1,368 @@
+"""Append-only dead-letter.jsonl of events Intercom refused for good, with rotation;
+list the entries and replay them through a running daemon's intake.
+
+One JSON object per line:
+
+    {"event":{...},"route":"/events","reason":"contact_not_found","status":404,
+     "response":"<Intercom's body, at most 2048 chars>","attempts":1,
+     "first_received_at":"2023-11-14T22:13:20.000Z","dead_lettered_at":"..."}
+
+The event is the exact body Intercom received, embedded with orjson.Fragment.
+
+Locking: the daemon appends while `forwarder dead-letters replay` may be rewriting the
+same files from another process. Every change to the file set (append, rotation, the
+replay's rewrite) holds fcntl.flock LOCK_EX, and reading takes LOCK_SH, on the sidecar
+dead-letter.jsonl.lock rather than on the data file: rotation and rewrite replace the
+data file's inode, and a lock on a replaced inode protects nothing. The appender keeps
+its O_APPEND fd between appends and, under the lock, checks that it still names the
+path's inode, reopening it after a rotation or a replay's rename; so a line appended
+during a replay lands in the rewritten file, never in an unlinked one.
+
+Appends are not fsynced: a burst of 404s would otherwise stall the event loop on the
+disk. A dead letter written before a process crash survives; one written within the
+kernel's writeback interval before a power loss may not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from glob import escape as glob_escape
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import structlog
+
+from forwarder.clock import Clock
+from forwarder.event import Event
+
+log = structlog.get_logger(__name__)
+
+DEAD_LETTER_NAME = "dead-letter.jsonl"
+RESPONSE_MAX_CHARS = 2048
+_FILE_MODE = 0o600  # event bodies carry contact identities and e-mail addresses
+
+
+class DeadLetterFile:
+    """Owns the daemon's appends: one whole line per event; rotates at max_bytes,
+    keeping keep_files older files (dead-letter.jsonl.1 is the newest of them)."""
+
+    def __init__(self, path: Path, *, max_bytes: int, keep_files: int, clock: Clock):
+        if max_bytes <= 0:
+            raise ValueError("max_bytes must be positive")
+        if keep_files < 0:
+            raise ValueError("keep_files must not be negative")
+        self.path = Path(path)
+        self._max_bytes = max_bytes
+        self._keep_files = keep_files
+        self._clock = clock
+        self._fd: int | None = None
+        self._lock_fd: int | None = None
+
+    def append(
+        self, event: Event, *, reason: str, status: int | None, response_body: bytes
+    ) -> None:
+        """Record one refused event. Raises OSError if the disk refuses the line."""
+        line = orjson.dumps(
+            {
+                "event": orjson.Fragment(event.body),
+                "route": event.route.value,
+                "reason": reason,
+                "status": status,
+                "response": response_body.decode("utf-8", errors="replace")[:RESPONSE_MAX_CHARS],
+                "attempts": event.attempts,
+                "first_received_at": _iso_utc(event.first_received_at),
+                "dead_lettered_at": _iso_utc(self._clock.wall()),
+            },
+            option=orjson.OPT_APPEND_NEWLINE,
+        )
+        if self._lock_fd is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = _open_lock(self.path)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            fd = self._current_fd()
+            size = os.fstat(fd).st_size
+            if size and size + len(line) > self._max_bytes:
+                self._rotate()
+                fd = self._current_fd()
+            _write_all(fd, line)
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        for fd in (self._fd, self._lock_fd):
+            if fd is not None:
+                os.close(fd)
+        self._fd = self._lock_fd = None
+
+    def _current_fd(self) -> int:
+        """The O_APPEND fd of the file at self.path now (reopened if it was replaced)."""
+        if self._fd is not None:
+            held = os.fstat(self._fd)
+            try:
+                now = os.stat(self.path)
+            except FileNotFoundError:
+                now = None
+            if now is not None and (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                return self._fd
+            os.close(self._fd)
+            self._fd = None
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        self._fd = os.open(self.path, flags, _FILE_MODE)
+        return self._fd
+
+    def _rotate(self) -> None:
+        """dead-letter.jsonl -> .1 -> .2 ...; the oldest beyond keep_files is deleted."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        keep = self._keep_files
+        for n, older in _rotated_files(self.path):
+            if n >= keep:  # would be shifted past keep_files (also after keep_files shrank)
+                older.unlink()
+        for n in range(keep - 1, 0, -1):
+            older = _rotated(self.path, n)
+            if older.exists():
+                os.replace(older, _rotated(self.path, n + 1))
+        if keep:
+            os.replace(self.path, _rotated(self.path, 1))
+        else:
+            self.path.unlink()
+        _fsync_dir(self.path.parent)
+        log.info("deadletter.rotated", path=str(self.path), keep_files=keep)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterEntry:
+    """One dead-letter line as read: where it is, its exact bytes and its parsed fields."""
+
+    file: Path
+    line: int  # 1-based, at the time it was read
+    raw: bytes  # the line without its newline; what a replay removes
+    record: dict[str, Any] = field(repr=False)
+
+    @property
+    def reason(self) -> str:
+        return self.record["reason"]
+
+    @property
+    def status(self) -> int | None:
+        return self.record.get("status")
+
+    @property
+    def route(self) -> str:
+        return self.record.get("route") or "/events"
+
+    @property
+    def body(self) -> bytes:
+        """The event body to re-submit (orjson round-trips its own output byte for byte)."""
+        return orjson.dumps(self.record["event"])
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayResult:
+    accepted: int  # answered 202 and removed from the files
+    rejected: list[tuple[DeadLetterEntry, int, bytes]]  # (entry, status, the intake's body)
+    failed: int  # never answered: daemon down, timeout, connection reset
+
+
+def read_entries(state_dir: Path, reason: str | None = None) -> list[DeadLetterEntry]:
+    """Entries in every dead-letter file, oldest first, optionally only one reason.
+    A line that is not a dead-letter record is logged (deadletter.corrupt_line) and skipped."""
+    state_dir = Path(state_dir)
+    if not state_dir.is_dir():
+        return []
+    with _locked(state_dir / DEAD_LETTER_NAME, fcntl.LOCK_SH):
+        contents = [(path, _read_or_empty(path)) for path in _files_oldest_first(state_dir)]
+    entries: list[DeadLetterEntry] = []
+    for path, data in contents:
+        for number, raw in enumerate(data.splitlines(), start=1):
+            if not raw.strip():
+                continue
+            record = _parse_record(raw)
+            if record is None:
+                log.warning("deadletter.corrupt_line", file=str(path), line=number)
+            elif reason is None or record["reason"] == reason:
+                entries.append(DeadLetterEntry(path, number, raw, record))
+    return entries
+
+
+async def replay(
+    state_dir: Path,
+    *,
+    base_url: str | None = None,
+    unix_socket: str | None = None,
+    reason: str | None = None,
+    timeout_s: float = 10,
+) -> ReplayResult:
+    """Re-submit entries to a running daemon's intake (base_url like http://127.0.0.1:8377,
+    or its Unix socket) and remove only those it answered 202."""
+    if (base_url is None) == (unix_socket is None):
+        raise ValueError("give exactly one of base_url or unix_socket")
+    entries = read_entries(state_dir, reason)
+    accepted: list[bytes] = []
+    rejected: list[tuple[DeadLetterEntry, int, bytes]] = []
+    failed = 0
+    if not entries:
+        return ReplayResult(0, rejected, 0)
+    root = "http://localhost" if unix_socket is not None else base_url.rstrip("/")
+    connector = aiohttp.UnixConnector(path=unix_socket) if unix_socket is not None else None
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        for i, entry in enumerate(entries):
+            try:
+                async with session.post(
+                    root + entry.route,
+                    data=entry.body,
+                    headers={"Content-Type": "application/json"},
+                ) as resp:
+                    status, answer = resp.status, await resp.read()
+            except aiohttp.ClientConnectorError as exc:
+                # Nothing is listening: the rest would fail the same way.
+                not_sent = len(entries) - i
+                failed += not_sent
+                log.warning("deadletter.replay_unreachable", error=str(exc), not_sent=not_sent)
+                break
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                failed += 1
+                log.warning(
+                    "deadletter.replay_failed",
+                    file=str(entry.file),
+                    line=entry.line,
+                    error=repr(exc),
+                )
+                continue
+            if status == 202:
+                accepted.append(entry.raw)
+            else:
+                rejected.append((entry, status, answer))
+    if accepted:
+        _remove_lines(Path(state_dir), accepted)
+    return ReplayResult(len(accepted), rejected, failed)
+
+
+def _remove_lines(state_dir: Path, raw_lines: list[bytes]) -> None:
+    """Delete one occurrence of each line, wherever it is now (the daemon may have
+    appended or rotated since it was read), keeping everything else."""
+    pending = Counter(raw_lines)
+    with _locked(state_dir / DEAD_LETTER_NAME, fcntl.LOCK_EX):
+        for path in _files_oldest_first(state_dir):
+            if not pending:
+                break
+            kept: list[bytes] = []
+            removed = 0
+            for line in _read_or_empty(path).splitlines(keepends=True):
+                raw = line.rstrip(b"\n")
+                if pending[raw] > 0:
+                    pending[raw] -= 1
+                    if not pending[raw]:
+                        del pending[raw]
+                    removed += 1
+                else:
+                    kept.append(line)
+            if removed:
+                _rewrite(path, b"".join(kept))
+    log.info("deadletter.replayed", removed=len(raw_lines) - sum(pending.values()))
+
+
+def _rewrite(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with open(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _parse_record(raw: bytes) -> dict[str, Any] | None:
+    try:
+        record = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if (
+        not isinstance(record, dict)
+        or not isinstance(record.get("event"), dict)
+        or not isinstance(record.get("reason"), str)
+    ):
+        return None
+    return record
+
+
+def _files_oldest_first(state_dir: Path) -> list[Path]:
+    """dead-letter.jsonl.N (highest N is the oldest) ... .1, then dead-letter.jsonl."""
+    current = state_dir / DEAD_LETTER_NAME
+    return [p for _, p in sorted(_rotated_files(current), reverse=True)] + [current]
+
+
+def _rotated_files(path: Path) -> list[tuple[int, Path]]:
+    prefix = path.name + "."
+    return [
+        (int(p.name[len(prefix) :]), p)
+        for p in path.parent.glob(glob_escape(prefix) + "*")
+        if p.name[len(prefix) :].isdigit()
+    ]
+
+
+def _read_or_empty(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
+def _rotated(path: Path, n: int) -> Path:
+    return path.with_name(f"{path.name}.{n}")
+
+
+def _open_lock(path: Path) -> int:
+    """The sidecar lock file of a dead-letter file set (dead-letter.jsonl.lock)."""
+    lock_path = path.with_name(path.name + ".lock")
+    return os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+
+
+@contextlib.contextmanager
+def _locked(path: Path, operation: int) -> Iterator[None]:
+    fd = _open_lock(path)
+    try:
+        fcntl.flock(fd, operation)
+        yield
+    finally:
+        os.close(fd)  # closing the last fd on the open file releases the lock
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    # One write for the whole line; O_APPEND and the lock keep it contiguous even in the
+    # rare case the kernel takes it in parts.
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _iso_utc(epoch_s: float) -> str:
+    return (
+        datetime.fromtimestamp(epoch_s, UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
