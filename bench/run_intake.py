@@ -1,0 +1,833 @@
+"""Intake benchmark: the daemon against a bare aiohttp handler, measured in the same run.
+
+    .venv/bin/python bench/run_intake.py            # full run, ~3 minutes
+    .venv/bin/python bench/run_intake.py --quick    # ~30 s, for development
+
+Figures (bench/README.md says what each one means):
+  - single events over keep-alive HTTP, requests/s, as a ratio to the bare handler
+    (bench/baseline_server.py) measured in the same run, on the same event loop;
+  - batch intake (JSON arrays of 100 events), events/s;
+  - p50 and p99 latency from wrk --latency at 32 connections;
+  - asyncio against uvloop, for the daemon and for the baseline;
+  - server CPU time per event (from /proc), daemon against baseline: on this shared
+    machine other sessions take CPU from the measured core, which moves rps but hardly
+    moves CPU per event, so that ratio is the steadier one.
+
+How: the server under test is pinned to CPU 0 (taskset), wrk and the upstream sink to
+CPU 1. Each round starts every target afresh (baseline and daemon, per loop), checks that
+it answers 202 and accepts every event, warms it up, then measures single and batch
+intake. Before each target it waits (up to --wait-quiet s) for other processes to go
+quiet, and it records how much CPU they took during each measurement. Rounds go
+A B B A (the order reverses every round) so drift on this shared machine falls on both
+sides; the reported figure is the median over rounds, and a ratio is the median of the
+per-round ratios (each pairs two neighbouring measurements).
+
+The daemon forwards to bench/sink.py (202 to everything) at its default rate limit, as in
+production; its queue is raised so a whole run fits (a full queue would answer 503 and
+turn the benchmark into a 503 benchmark). Every event is unique (bench/wrk/events.lua),
+so dedup never short-circuits.
+
+Results: the marked intake section of bench/RESULTS.md is replaced (other sections are
+kept), raw numbers go to bench/results-intake.json (git-ignored), and the table is
+printed. Stdlib only: it needs no package beyond what the servers use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+LUA = BENCH / "wrk" / "events.lua"
+RESULTS_MD = BENCH / "RESULTS.md"
+RESULTS_JSON = BENCH / "results-intake.json"
+DEPS = BENCH / ".deps"  # uvloop and py-spy: pip install --target bench/.deps uvloop py-spy
+START, END = "<!-- intake:start -->", "<!-- intake:end -->"
+
+SERVER_CPU, CLIENT_CPU = "0", "1"
+
+
+def pin(cpu: str) -> list[str]:
+    """The prefix that runs a command on one CPU.
+
+    No nice: the kernel groups each session's processes (autogroup), so a nice value only
+    ranks our own processes against each other, not against other sessions' work.
+    """
+    return ["taskset", "-c", cpu]
+
+
+def pin_shown(cpu: str) -> str:
+    return " ".join(pin(cpu))
+
+
+OFFSET_STEP = 100_000_000  # each wrk run gets its own counter range (see events.lua)
+
+TARGETS = {"single": 0.70, "p99_ms": 5.0, "batch_eps": 100_000}
+
+
+@dataclass(frozen=True)
+class Target:
+    kind: str  # "baseline" | "daemon"
+    loop: str  # "asyncio" | "uvloop"
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}/{self.loop}"
+
+
+@dataclass
+class Measure:
+    target: str
+    mode: str  # "single" | "batch"
+    round: int
+    rps: float
+    events_per_s: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    p999_ms: float
+    max_ms: float
+    errors: dict
+    server_cpu: float  # share of one core the server process used while measured
+    wrk_cpu: float  # same, for wrk (near 1.0 would mean wrk, not the server, is the limit)
+    cpu_us_per_event: float  # server CPU time per event: robust to time stolen by neighbours
+    other_load: float  # share of the server's core used by other processes (noise)
+    steal: float  # share of the server's core the hypervisor took (noise)
+    other_load_client: float  # share of wrk's core used by others (beyond wrk, sink, this)
+
+
+@dataclass
+class Run:
+    args: dict
+    machine: dict
+    commands: dict = field(default_factory=dict)
+    measures: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{tail(log)}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port} after {timeout} s:\n{tail(log)}")
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def stop(proc: subprocess.Popen, grace: float = 15.0) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields_ = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields_[11]) + int(fields_[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def core_times(cpu: str) -> tuple[float, float, float]:
+    """(busy, steal, total) seconds of one CPU since boot, from /proc/stat."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith(f"cpu{cpu} "):
+            v = [int(x) / os.sysconf("SC_CLK_TCK") for x in line.split()[1:9]]
+            user, nice, system, idle, iowait, irq, softirq, steal = v
+            return user + nice + system + irq + softirq, steal, sum(v)
+    raise RuntimeError(f"no cpu{cpu} in /proc/stat")
+
+
+def wait_quiet(max_wait: float, threshold: float = 0.3, window: float = 0.5) -> float:
+    """Wait (up to max_wait s) for a window in which other processes use < threshold cores.
+
+    Called while our own servers are idle, so whatever is busy is someone else. Returns the
+    load seen in the last window (in cores), for the record.
+    """
+    deadline = time.monotonic() + max_wait
+    while True:
+        a = [core_times(c) for c in (SERVER_CPU, CLIENT_CPU)]
+        time.sleep(window)
+        b = [core_times(c) for c in (SERVER_CPU, CLIENT_CPU)]
+        load = sum((y[0] - x[0]) / ((y[2] - x[2]) or window) for x, y in zip(a, b, strict=True))
+        if load < threshold or time.monotonic() >= deadline:
+            return load
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def python_env(loop: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FORWARDER_")}
+    env.pop("INTERCOM_ACCESS_TOKEN", None)
+    if loop == "uvloop":
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(DEPS), env.get("PYTHONPATH")]))
+    return env
+
+
+def uvloop_available(python: str) -> str | None:
+    r = subprocess.run(
+        [python, "-c", "import uvloop; print(uvloop.__version__)"],
+        env=python_env("uvloop"),
+        capture_output=True,
+        text=True,
+    )
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+def daemon_config(path: Path, port: int, sink_port: int, state_dir: Path, max_events: int) -> None:
+    path.write_text(
+        f"""# Generated by bench/run_intake.py; everything not set here is the default.
+[intake]
+host = "127.0.0.1"
+port = {port}
+
+[intercom]
+base_url = "http://127.0.0.1:{sink_port}"
+access_token = "bench-token"
+
+[queue]
+max_events = {max_events}   # raised: a run must never fill it (a full queue answers 503)
+
+[storage]
+state_dir = "{state_dir}"
+
+[shutdown]
+drain_seconds = 0
+
+[log]
+level = "info"
+format = "json"
+"""
+    )
+
+
+class Servers:
+    """Starts and stops the servers under test; records the command lines it used."""
+
+    def __init__(self, python: str, daemon: str, workdir: Path, sink_port: int, max_events: int):
+        self.python = python
+        self.daemon = daemon  # "serve" | "baseline-copy" (an A/A run)
+        self.workdir = workdir
+        self.sink_port = sink_port
+        self.max_events = max_events
+        self.commands: dict[str, str] = {}
+        self.n = 0
+
+    def command(self, t: Target, port: int) -> tuple[list[str], str]:
+        """argv and the command as documented (with the port and paths as placeholders)."""
+        if t.kind == "baseline" or self.daemon == "baseline-copy":
+            argv = [self.python, str(BENCH / "baseline_server.py"), "--port", str(port)]
+            shown = ".venv/bin/python bench/baseline_server.py --port PORT"
+            if t.loop == "uvloop":
+                argv.append("--uvloop")
+                shown += " --uvloop"
+            return argv, shown
+        self.n += 1
+        run_dir = self.workdir / f"daemon-{self.n}"
+        run_dir.mkdir()
+        cfg = run_dir / "forwarder.toml"
+        daemon_config(cfg, port, self.sink_port, run_dir / "state", self.max_events)
+        shown_cfg = "CONFIG.toml"
+        if t.loop == "uvloop":
+            argv = [self.python, str(BENCH / "uvloop_serve.py"), "serve", "--config", str(cfg)]
+            shown = f".venv/bin/python bench/uvloop_serve.py serve --config {shown_cfg}"
+        else:
+            argv = [
+                str(Path(self.python).parent / "intercom-forwarder"),
+                "serve",
+                "--config",
+                str(cfg),
+            ]
+            shown = f".venv/bin/intercom-forwarder serve --config {shown_cfg}"
+        return argv, shown
+
+    @contextlib.contextmanager
+    def running(self, t: Target):
+        port = free_port()
+        argv, shown = self.command(t, port)
+        env = "PYTHONPATH=bench/.deps " if t.loop == "uvloop" else ""
+        self.commands[t.label] = f"{env}{pin_shown(SERVER_CPU)} {shown}"
+        log = self.workdir / f"{t.kind}-{t.loop}-{port}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [*pin(SERVER_CPU), *argv],
+                cwd=ROOT,
+                env=python_env(t.loop),
+                stdout=out,
+                stderr=out,
+            )
+        try:
+            wait_port(port, proc, log)
+            yield port, proc, log
+        finally:
+            stop(proc)
+
+
+# --------------------------------------------------------------------------- wrk
+
+
+class Wrk:
+    def __init__(self, connections: int, threads: int, batch: int):
+        self.connections = connections
+        self.threads = threads
+        self.batch = batch
+        self.offset = 0  # every daemon starts empty (fresh state_dir), so 0 is unique enough
+
+    def argv(self, port: int, mode: str, seconds: int, connections: int, check: bool) -> list[str]:
+        self.offset += OFFSET_STEP
+        path = "/events" if mode == "single" else "/events/batch"
+        args = [mode, str(self.offset), str(self.batch)] + (["check"] if check else [])
+        return [
+            *pin(CLIENT_CPU),
+            "wrk",
+            f"-t{self.threads}",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "--latency",
+            "-s",
+            str(LUA),
+            f"http://127.0.0.1:{port}{path}",
+            "--",
+            *args,
+        ]
+
+    def shown(self, mode: str, seconds: int) -> str:
+        path = "/events" if mode == "single" else "/events/batch"
+        extra = f" {self.batch}" if mode == "batch" else ""
+        return (
+            f"{pin_shown(CLIENT_CPU)} wrk -t{self.threads} -c{self.connections} -d{seconds}s "
+            f"--latency -s bench/wrk/events.lua http://127.0.0.1:PORT{path} -- {mode} "
+            f"OFFSET{extra}"
+        )
+
+    def run(
+        self,
+        port: int,
+        mode: str,
+        seconds: int,
+        connections: int | None = None,
+        check: bool = False,
+    ) -> tuple[dict, dict | None]:
+        """(WRKJSON summary, WRKCHECK or None)."""
+        argv = self.argv(port, mode, seconds, connections or self.connections, check)
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = proc.communicate(timeout=seconds + 30)
+        summary = checked = None
+        for line in out.decode().splitlines():
+            if line.startswith("WRKJSON "):
+                summary = json.loads(line[8:])
+            elif line.startswith("WRKCHECK "):
+                checked = json.loads(line[9:])
+        if proc.returncode != 0 or summary is None:
+            raise RuntimeError(f"wrk failed ({proc.returncode}): {err.decode()}{out.decode()}")
+        return summary, checked
+
+
+def children_cpu() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def check_target(wrk: Wrk, port: int, label: str) -> None:
+    """A 1 s run at 2 connections: every answer 202, every batch event accepted."""
+    for mode in ("single", "batch"):
+        summary, checked = wrk.run(port, mode, 1, connections=2, check=True)
+        if not checked or checked["bad"] or summary["errors"]["status"]:
+            raise RuntimeError(
+                f"{label} {mode}: not every answer was a clean 202: {checked} {summary['errors']}"
+            )
+
+
+def measure(
+    sink_pid: int,
+    wrk: Wrk,
+    t: Target,
+    round_: int,
+    mode: str,
+    port: int,
+    pid: int,
+    warmup: int,
+    seconds: int,
+) -> Measure:
+    if warmup:
+        wrk.run(port, mode, warmup)
+
+    def sample() -> tuple:
+        own = os.times()
+        return (
+            cpu_seconds(pid),
+            children_cpu(),
+            core_times(SERVER_CPU),
+            core_times(CLIENT_CPU),
+            cpu_seconds(sink_pid),
+            own.user + own.system,
+        )
+
+    cpu0, kids0, core0, client0, sink0, own0 = sample()
+    s, _ = wrk.run(port, mode, seconds)  # wrk's CPU: children's rusage, once it is reaped
+    cpu1, kids1, core1, client1, sink1, own1 = sample()
+    ours_on_client = (kids1 - kids0) + (sink1 - sink0) + (own1 - own0)
+    wall = s["duration_us"] / 1e6
+    rps = s["requests"] / wall
+    lat = s["latency_us"]
+    events = s["requests"] * (wrk.batch if mode == "batch" else 1)
+    core_wall = (core1[2] - core0[2]) or wall
+    return Measure(
+        target=t.label,
+        mode=mode,
+        round=round_,
+        rps=rps,
+        events_per_s=rps * (wrk.batch if mode == "batch" else 1),
+        p50_ms=lat["p50"] / 1000,
+        p90_ms=lat["p90"] / 1000,
+        p99_ms=lat["p99"] / 1000,
+        p999_ms=lat["p999"] / 1000,
+        max_ms=lat["max"] / 1000,
+        errors=s["errors"],
+        server_cpu=(cpu1 - cpu0) / wall,
+        wrk_cpu=(kids1 - kids0) / wall,
+        cpu_us_per_event=(cpu1 - cpu0) / max(events, 1) * 1e6,
+        other_load=max(0.0, (core1[0] - core0[0]) - (cpu1 - cpu0)) / core_wall,
+        steal=(core1[1] - core0[1]) / core_wall,
+        other_load_client=max(0.0, (client1[0] - client0[0]) - ours_on_client)
+        / ((client1[2] - client0[2]) or wall),
+    )
+
+
+def scrape_counts(port: int) -> dict[str, float]:
+    """The daemon's intake outcome counters from /metrics, if it serves them."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+            text = r.read().decode()
+    except OSError:
+        return {}
+    counts = {}
+    for m in re.finditer(
+        r'^intercom_forwarder_events_received_total\{outcome="(\w+)"\} (\S+)$', text, re.M
+    ):
+        counts[m.group(1)] = float(m.group(2))
+    return counts
+
+
+def machine(python: str, uvloop_version: str | None) -> dict:
+    def out(cmd: list[str]) -> str:
+        try:
+            return subprocess.run(
+                cmd, capture_output=True, text=True, env=python_env("uvloop"), cwd=ROOT
+            ).stdout.strip()
+        except OSError:
+            return "?"
+
+    versions = out(
+        [
+            python,
+            "-c",
+            "import sys, aiohttp, orjson; "
+            "print(sys.version.split()[0], aiohttp.__version__, orjson.__version__)",
+        ]
+    )
+    py, aiohttp_v, orjson_v = (versions.split() + ["?"] * 3)[:3]
+    commit = out(["git", "rev-parse", "--short", "HEAD"])
+    dirty = out(["git", "status", "--porcelain", "--", "forwarder"])
+    return {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "nproc": os.cpu_count(),
+        "cpu": cpu_model(),
+        "kernel": platform.release(),
+        "python": py,
+        "aiohttp": aiohttp_v,
+        "orjson": orjson_v,
+        "uvloop": uvloop_version or "not installed",
+        "wrk": out(["wrk", "-v"]).split()[1] if out(["wrk", "-v"]) else "?",
+        "commit": commit + (" + uncommitted changes in forwarder/" if dirty else ""),
+        "loadavg": Path("/proc/loadavg").read_text().split()[0],
+    }
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "?"
+
+
+def run(args: argparse.Namespace) -> Run:
+    python = str(ROOT / ".venv" / "bin" / "python") if not args.python else args.python
+    uv = uvloop_available(python)
+    loops = [lp for lp in args.loops.split(",") if lp]
+    notes = []
+    if "uvloop" in loops and not uv:
+        loops.remove("uvloop")
+        notes.append(
+            "uvloop not measured: not importable (pip install --target bench/.deps uvloop)"
+        )
+    daemon = args.daemon
+    if daemon == "serve" and not (Path(python).parent / "intercom-forwarder").exists():
+        raise SystemExit(
+            "no .venv/bin/intercom-forwarder yet: use --daemon baseline-copy "
+            "for an A/A run of the harness"
+        )
+    if daemon == "baseline-copy":
+        notes.append(
+            "A/A run: the 'daemon' is a second copy of the baseline, so every ratio "
+            "should be ~1.0; its spread is this machine's noise floor"
+        )
+    targets = [Target(kind, loop) for loop in loops for kind in ("baseline", "daemon")]
+    result = Run(args=vars(args), machine=machine(python, uv), notes=notes)
+    wrk = Wrk(args.connections, args.threads, args.batch)
+
+    with tempfile.TemporaryDirectory(prefix="bench-intake-") as tmp:
+        workdir = Path(tmp)
+        sink_port = free_port()
+        sink_log = workdir / "sink.log"
+        with open(sink_log, "wb") as out:
+            sink = subprocess.Popen(
+                [
+                    *pin(CLIENT_CPU),
+                    python,
+                    str(BENCH / "sink.py"),
+                    "--port",
+                    str(sink_port),
+                ],
+                cwd=ROOT,
+                env=python_env("asyncio"),
+                stdout=out,
+                stderr=out,
+            )
+        try:
+            wait_port(sink_port, sink, sink_log)
+            servers = Servers(python, daemon, workdir, sink_port, args.max_events)
+            for r in range(args.rounds):
+                order = targets if r % 2 == 0 else targets[::-1]
+                for t in order:
+                    quiet = wait_quiet(args.wait_quiet)
+                    with servers.running(t) as (port, proc, log):
+                        if t.kind == "daemon":  # the bare handler cannot get it wrong
+                            check_target(wrk, port, t.label)
+                        for mode in ("single", "batch"):
+                            m = measure(
+                                sink.pid,
+                                wrk,
+                                t,
+                                r,
+                                mode,
+                                port,
+                                proc.pid,
+                                args.warmup,
+                                args.duration,
+                            )
+                            result.measures.append(asdict(m) | {"load_before": quiet})
+                            print(
+                                f"  round {r + 1} {t.label:17} {mode:6} "
+                                f"{m.events_per_s:>10,.0f} ev/s  p50 {m.p50_ms:5.2f} ms  "
+                                f"p99 {m.p99_ms:6.2f} ms  {m.cpu_us_per_event:6.1f} cpu-µs/ev  "
+                                f"server {m.server_cpu:4.2f} wrk {m.wrk_cpu:4.2f} "
+                                f"others {m.other_load:4.2f}/{m.other_load_client:4.2f} "
+                                f"steal {m.steal:4.2f}",
+                                flush=True,
+                            )
+                        if t.kind == "daemon" and daemon == "serve":
+                            counts = scrape_counts(port)
+                            rss = rss_mib(proc.pid)
+                            bad = {k: v for k, v in counts.items() if k != "accepted" and v}
+                            if bad:
+                                notes.append(f"round {r + 1} {t.label}: intake counted {bad}")
+                            result.measures[-1]["daemon_counts"] = counts
+                            result.measures[-1]["daemon_rss_mib"] = rss
+            url = f"http://127.0.0.1:{sink_port}/count"
+            with contextlib.suppress(OSError), urllib.request.urlopen(url) as r:
+                result.notes.append(
+                    f"the sink received {json.loads(r.read())['requests']} "
+                    "forwarded requests in the whole run"
+                )
+        finally:
+            stop(sink)
+        result.commands = dict(servers.commands)
+        result.commands["wrk single"] = wrk.shown("single", args.duration)
+        result.commands["wrk batch"] = wrk.shown("batch", args.duration)
+    return result
+
+
+# --------------------------------------------------------------------------- report
+
+
+def summarise(result: Run) -> dict:
+    """Medians per (target, mode), and per-round ratios."""
+    by: dict[tuple[str, str], list[dict]] = {}
+    for m in result.measures:
+        by.setdefault((m["target"], m["mode"]), []).append(m)
+    med = {
+        key: {
+            f: statistics.median(x[f] for x in ms)
+            for f in (
+                "rps",
+                "events_per_s",
+                "p50_ms",
+                "p99_ms",
+                "server_cpu",
+                "wrk_cpu",
+                "cpu_us_per_event",
+                "other_load",
+                "steal",
+                "other_load_client",
+            )
+        }
+        for key, ms in by.items()
+    }
+
+    def ratios(num: str, den: str, mode: str, f: str = "rps") -> list[float]:
+        a = {m["round"]: m[f] for m in by.get((num, mode), [])}
+        b = {m["round"]: m[f] for m in by.get((den, mode), [])}
+        return [a[r] / b[r] for r in sorted(a) if b.get(r)]
+
+    return {"median": med, "ratios": ratios}
+
+
+def cost_row(figure: str, loop: str, med: dict, ratios, d: str, b: str) -> str:
+    """Server CPU per event; the ratio is baseline / daemon, so it reads like the rps one."""
+    mode = "single" if figure.startswith("single") else "batch"
+    dc, bc = med[d, mode]["cpu_us_per_event"], med[b, mode]["cpu_us_per_event"]
+    rs = ratios(b, d, mode, "cpu_us_per_event")
+    return f"| {figure}, server CPU µs/event | {loop} | {dc:.1f} | {bc:.1f} | {fmt_ratio(rs)} | | |"
+
+
+def fmt_ratio(rs: list[float]) -> str:
+    if not rs:
+        return "n/a"
+    if len(rs) == 1:
+        return f"{rs[0]:.2f}"
+    return f"{statistics.median(rs):.2f} ({min(rs):.2f}–{max(rs):.2f})"
+
+
+def verdict(ok: bool) -> str:
+    return "meets" if ok else "**misses**"
+
+
+def render(result: Run) -> str:
+    s = summarise(result)
+    med, ratios = s["median"], s["ratios"]
+    loops = sorted(
+        {m["target"].split("/")[1] for m in result.measures}, key=["asyncio", "uvloop"].index
+    )
+    a = result.args
+    m = result.machine
+    daemon_name = "daemon" if a["daemon"] == "serve" else "baseline copy (A/A)"
+    lines = [
+        START,
+        "## Intake",
+        "",
+        f"Measured {m['date']} on {m['nproc']} cores ({m['cpu']}), Python {m['python']}, "
+        f"aiohttp {m['aiohttp']}, orjson {m['orjson']}, uvloop {m['uvloop']}, wrk {m['wrk']}, "
+        f"commit {m['commit']}, load average {m['loadavg']} at the start. "
+        f"{a['rounds']} round(s), each target {a['duration']} s per figure after a "
+        f"{a['warmup']} s warm-up, {a['connections']} keep-alive connections, server on CPU "
+        f"{SERVER_CPU}, wrk on CPU {CLIENT_CPU}.",
+        "",
+        "Reproduce: `" + " ".join([".venv/bin/python bench/run_intake.py", *cli_flags(a)]) + "`",
+        "",
+        "| figure | loop | " + daemon_name + " | baseline | ratio (range) | target | |",
+        "| --- | --- | ---: | ---: | ---: | --- | --- |",
+    ]
+    for loop in loops:
+        d, b = f"daemon/{loop}", f"baseline/{loop}"
+        if (d, "single") not in med or (b, "single") not in med:
+            continue
+        rs = ratios(d, b, "single")
+        ok = bool(rs) and statistics.median(rs) >= TARGETS["single"]
+        lines.append(
+            f"| single events, rps | {loop} | {med[d, 'single']['rps']:,.0f} | "
+            f"{med[b, 'single']['rps']:,.0f} | {fmt_ratio(rs)} | ≥ {TARGETS['single']} | "
+            f"{verdict(ok)} |"
+        )
+        lines.append(cost_row("single events", loop, med, ratios, d, b))
+        for pct in ("p50", "p99"):
+            dv, bv = med[d, "single"][f"{pct}_ms"], med[b, "single"][f"{pct}_ms"]
+            tgt = f"< {TARGETS['p99_ms']:g} ms" if pct == "p99" else ""
+            ok_s = verdict(dv < TARGETS["p99_ms"]) if pct == "p99" else ""
+            lines.append(
+                f"| single events, {pct} latency | {loop} | {dv:.2f} ms | {bv:.2f} ms "
+                f"| {dv / bv:.2f} | {tgt} | {ok_s} |"
+            )
+        rs = ratios(d, b, "batch")
+        de, be = med[d, "batch"]["events_per_s"], med[b, "batch"]["events_per_s"]
+        lines.append(
+            f"| batches of {a['batch']}, events/s | {loop} | {de:,.0f} | {be:,.0f} | "
+            f"{fmt_ratio(rs)} | ≥ {TARGETS['batch_eps']:,} | "
+            f"{verdict(de >= TARGETS['batch_eps'])} |"
+        )
+        lines.append(cost_row("batches", loop, med, ratios, d, b))
+        for pct in ("p50", "p99"):
+            dv, bv = med[d, "batch"][f"{pct}_ms"], med[b, "batch"][f"{pct}_ms"]
+            lines.append(
+                f"| batches, {pct} latency | {loop} | {dv:.2f} ms | {bv:.2f} ms | "
+                f"{dv / bv:.2f} | | |"
+            )
+    if "uvloop" in loops and "asyncio" in loops:
+        lines += [
+            "",
+            "uvloop against asyncio (rps ratio uvloop / asyncio, median over rounds):",
+            "",
+        ]
+        lines += ["| target | single | batch |", "| --- | ---: | ---: |"]
+        for kind in ("baseline", "daemon"):
+            cells = []
+            for mode in ("single", "batch"):
+                u, x = med.get((f"{kind}/uvloop", mode)), med.get((f"{kind}/asyncio", mode))
+                cells.append(f"{u['rps'] / x['rps']:.2f}" if u and x else "n/a")
+            name = kind if kind == "baseline" else daemon_name
+            lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+    lines += [
+        "",
+        "CPU while measured, as a share of one core (medians): the server should be near 1.0 "
+        "(it is the bottleneck) and wrk well below; other processes and the hypervisor "
+        "(steal) on the server's core are this shared machine's noise. When they are high, "
+        "trust the CPU µs/event rows over the rps rows.",
+        "",
+        "| target | figure | server | wrk | others on the server's core | steal | others on "
+        "wrk's core |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for t in sorted({x["target"] for x in result.measures}):
+        for mode in ("single", "batch"):
+            x = med.get((t, mode))
+            if x:
+                lines.append(
+                    f"| {t} | {mode} | {x['server_cpu']:.2f} | {x['wrk_cpu']:.2f} | "
+                    f"{x['other_load']:.2f} | {x['steal']:.2f} | {x['other_load_client']:.2f} |"
+                )
+    lines += [
+        "",
+        "Commands (PORT: a free port; OFFSET: where the run's event counter starts; "
+        "CONFIG.toml: generated, see `daemon_config` in bench/run_intake.py):",
+        "",
+    ]
+    lines += [f"- {k}: `{v}`" for k, v in result.commands.items()]
+    if result.notes:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in result.notes]
+    lines.append(END)
+    return "\n".join(lines) + "\n"
+
+
+def cli_flags(a: dict) -> list[str]:
+    """The flags that differ from the defaults, so the reproduce line is exact."""
+    flags = ["--quick"] if a["quick"] else []
+    defaults = parser().parse_args([])
+    skip = {"quick", "no_write"} | ({"rounds", "duration", "warmup"} if a["quick"] else set())
+    for k, v in a.items():
+        if k in skip or v == getattr(defaults, k):
+            continue
+        flags.append(f"--{k.replace('_', '-')} {shlex.quote(str(v))}")
+    return flags
+
+
+def write_section(section: str, path: Path = RESULTS_MD) -> None:
+    """Replace our marked section in RESULTS.md, keeping every other bench's sections."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
+    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END) + r"\n?", re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section, text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Intake benchmark (see bench/README.md).")
+    p.add_argument(
+        "--quick", action="store_true", help="~30 s: 1 round, 2 s per figure, 1 s warm-up"
+    )
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--duration", type=int, default=3, help="seconds per measured figure")
+    p.add_argument("--warmup", type=int, default=1, help="seconds of warm-up before each")
+    p.add_argument("--connections", type=int, default=32)
+    p.add_argument("--threads", type=int, default=1, help="wrk threads")
+    p.add_argument("--batch", type=int, default=100, help="events per batch request")
+    p.add_argument("--loops", default="asyncio,uvloop")
+    p.add_argument(
+        "--daemon",
+        choices=("serve", "baseline-copy"),
+        default="serve",
+        help="baseline-copy: an A/A run of the harness itself",
+    )
+    p.add_argument(
+        "--max-events",
+        type=int,
+        default=4_000_000,
+        help="the daemon's queue.max_events (must hold a whole round)",
+    )
+    p.add_argument("--python", default="", help="interpreter for the servers (.venv by default)")
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=5.0,
+        help="before each target, wait up to this many seconds for other processes on the "
+        "machine to use < 0.3 cores (0: don't wait)",
+    )
+    p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    return p
+
+
+def main() -> None:
+    args = parser().parse_args()
+    os.sched_setaffinity(0, {int(CLIENT_CPU)})  # keep this script off the server's core
+    if args.quick:
+        args.rounds, args.duration, args.warmup = 1, 2, 1
+    result = run(args)
+    section = render(result)
+    RESULTS_JSON.write_text(json.dumps(asdict(result), indent=1))
+    if args.quick or args.no_write:
+        print("\n(--quick / --no-write: RESULTS.md left alone)\n")
+    else:
+        write_section(section)
+    print(section)
+
+
+if __name__ == "__main__":
+    main()
