@@ -1,0 +1,220 @@
+"""The rate gate every send passes: a local budget (aiolimiter's leaky bucket) plus pacing
+learnt from Intercom's X-RateLimit-* headers and 429s, so workers spend the real budget
+without tripping it. Intercom's rate-limiting page: windows of 10 s, every authenticated
+answer carries X-RateLimit-Limit, -Remaining and -Reset (Unix time), 429 when exceeded.
+
+How the header budget is kept (all times monotonic, from the injected Clock):
+- Reset is converted once per answer: window_ends = now + (reset_at - wall()), capped at
+  per_seconds ahead (no window is longer; more means our wall clock is behind Intercom's).
+- A later reset_at starts a new window and replaces what we knew; the same reset_at keeps
+  the lowest Remaining (answers arrive out of order); an earlier one is stale and ignored.
+- A request may start only while remaining - in_flight > 0, counting EVERY request in
+  flight, not only those started after the answer. A request still in flight may already
+  be counted in Remaining (then we under-use until its answer comes back) or not (then
+  skipping it would overshoot): counting them all never overshoots, and once the answers
+  are in, remaining is exact again, so the whole window is still used.
+- An answer with no usable headers (network error, a proxy's 502) may still have been
+  counted by Intercom, so it takes one off what we know.
+- Once window_ends passes, the next window is assumed to hold Limit (the last
+  X-RateLimit-Limit seen; unknown if never seen) until an answer says otherwise; an
+  assumed window lasts per_seconds, so a budget used up by errors alone still refills.
+- Remaining 0 holds everyone until window_ends. A 429 holds until its Reset when that is
+  still ahead, else for Retry-After, else for a backoff of 1 s doubling up to per_seconds
+  (reset by the next non-429 answer). A Reset already in the past (our wall clock ahead of
+  Intercom's) therefore falls back to a backoff instead of a tight loop of 429s.
+- Priority acquires (a person waiting on GET /events) pass the header gate ahead of
+  waiting normal ones; both wait in the local limiter in arrival order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import TYPE_CHECKING, Protocol
+
+from aiolimiter import AsyncLimiter
+
+if TYPE_CHECKING:
+    from forwarder.clock import Clock
+    from forwarder.upstream import RateHeaders
+
+TOO_MANY_REQUESTS = 429
+FIRST_BACKOFF_S = 1.0
+
+
+class LocalLimiter(Protocol):
+    """The local budget; aiolimiter.AsyncLimiter fits. It may read the loop clock."""
+
+    async def acquire(self) -> None: ...
+
+
+class RateGate:
+    """Lets a request start only within the local budget and Intercom's known budget;
+    every acquire() must be paired with exactly one release()."""
+
+    def __init__(
+        self,
+        requests: int,
+        per_seconds: float,
+        clock: Clock,
+        *,
+        limiter: LocalLimiter | None = None,
+    ):
+        self._clock = clock
+        self._per_seconds = per_seconds
+        self._limiter: LocalLimiter = (
+            limiter if limiter is not None else AsyncLimiter(requests, per_seconds)
+        )
+        self._in_flight = 0
+        self._limit: int | None = None  # last X-RateLimit-Limit seen
+        self._remaining: int | None = None  # None: Intercom's budget is unknown
+        self._window_ends: float | None = None  # monotonic; set whenever _remaining is
+        self._window_reset_at: float | None = None  # newest X-RateLimit-Reset seen (epoch)
+        self._window_assumed = False  # True after a rollover until an answer confirms it
+        self._hold_until = -math.inf
+        self._backoff_s = min(FIRST_BACKOFF_S, per_seconds)
+        self._waiters: list[asyncio.Future[None]] = []
+        self._priority_waiting = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"RateGate(in_flight={self._in_flight}, remaining={self._remaining}, "
+            f"limit={self._limit}, held_until={self.held_until})"
+        )
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def held_until(self) -> float | None:
+        """Monotonic time until which nobody may start, or None when not held."""
+        now = self._clock.monotonic()
+        self._roll(now)
+        until = self._hold_until
+        if self._remaining is not None and self._remaining <= 0 and self._window_ends is not None:
+            until = max(until, self._window_ends)
+        return until if until > now else None
+
+    async def acquire(self, *, priority: bool = False) -> float:
+        """Wait for budget, count the request in flight; returns the seconds waited.
+
+        Cancellation-safe: a cancelled acquire leaves in_flight unchanged (the local
+        limiter's slot, if already taken, is spent).
+        """
+        started = self._clock.monotonic()
+        await self._limiter.acquire()
+        if priority:
+            self._priority_waiting += 1
+        try:
+            while (delay := self._delay(priority)) > 0:
+                await self._wait(delay)
+        finally:
+            if priority:
+                self._priority_waiting -= 1
+                self._wake()  # normal waiters held back behind this one re-check
+        self._in_flight += 1
+        return self._clock.monotonic() - started
+
+    def release(
+        self, status: int | None, rate: RateHeaders | None, retry_after_s: float | None = None
+    ) -> None:
+        """After the answer (status None for a network error): in_flight -= 1, then learn."""
+        self._in_flight = max(0, self._in_flight - 1)
+        now = self._clock.monotonic()
+        self._roll(now)
+        if rate is not None and rate.limit:
+            self._limit = rate.limit
+        if rate is not None and rate.remaining is not None and rate.reset_at is not None:
+            self._learn(rate.remaining, rate.reset_at, now)
+        elif self._remaining is not None:
+            self._remaining = max(0, self._remaining - 1)
+        if status == TOO_MANY_REQUESTS:
+            self._on_429(rate, retry_after_s, now)
+        elif status is not None:
+            self._backoff_s = min(FIRST_BACKOFF_S, self._per_seconds)
+        self._wake()
+
+    def hold_for(self, seconds: float) -> None:
+        """Hold every worker (priority ones too) for `seconds` from now."""
+        self._hold_until = max(self._hold_until, self._clock.monotonic() + seconds)
+        self._wake()
+
+    # internals -------------------------------------------------------------------------
+
+    def _reset_in(self, reset_at: float) -> float:
+        """Seconds from now to X-RateLimit-Reset; no window is longer than per_seconds, so a
+        reset farther ahead means our wall clock is behind Intercom's: cap it."""
+        return min(reset_at - self._clock.wall(), self._per_seconds)
+
+    def _learn(self, remaining: int, reset_at: float, now: float) -> None:
+        if self._window_reset_at is None or reset_at > self._window_reset_at:
+            self._window_reset_at = reset_at
+            self._remaining = remaining
+            self._window_ends = now + self._reset_in(reset_at)
+            self._window_assumed = False
+            self._roll(now)  # a reset already past (clock skew) is no knowledge at all
+        elif reset_at == self._window_reset_at and not self._window_assumed:
+            current = self._remaining if self._remaining is not None else remaining
+            self._remaining = min(current, remaining)
+
+    def _on_429(self, rate: RateHeaders | None, retry_after_s: float | None, now: float) -> None:
+        reset_in = None if rate is None or rate.reset_at is None else self._reset_in(rate.reset_at)
+        if reset_in is not None and reset_in > 0:
+            until = now + reset_in
+        elif retry_after_s is not None and retry_after_s > 0:
+            until = now + retry_after_s
+        else:
+            until = now + self._backoff_s
+            self._backoff_s = min(self._backoff_s * 2, self._per_seconds)
+        self._hold_until = max(self._hold_until, until)
+
+    def _roll(self, now: float) -> None:
+        """Past the end of the known window, assume a fresh one holding Limit."""
+        if self._window_ends is None or now < self._window_ends:
+            return
+        self._window_assumed = True
+        self._remaining = self._limit
+        if self._limit is None:
+            self._window_ends = None
+        else:  # Intercom's windows are fixed; keep the assumed ones on the same grid
+            periods = math.floor((now - self._window_ends) / self._per_seconds) + 1
+            self._window_ends += periods * self._per_seconds
+
+    def _delay(self, priority: bool) -> float:
+        """0 when a request may start now; else how long to wait at most before re-checking
+        (math.inf: only a release or a priority pass can change the answer)."""
+        now = self._clock.monotonic()
+        self._roll(now)
+        if now < self._hold_until:
+            return self._hold_until - now
+        if self._remaining is not None and self._remaining - self._in_flight <= 0:
+            assert self._window_ends is not None
+            return self._window_ends - now
+        if not priority and self._priority_waiting:
+            return math.inf
+        return 0.0
+
+    async def _wait(self, delay: float) -> None:
+        """Until a release / hold / priority pass wakes us, or `delay` passes on the clock."""
+        woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(woken)
+        sleeper = None
+        try:
+            if math.isinf(delay):
+                await woken
+            else:
+                sleeper = asyncio.ensure_future(self._clock.sleep(delay))
+                await asyncio.wait((woken, sleeper), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if sleeper is not None:
+                sleeper.cancel()
+            if not woken.done():
+                woken.cancel()
+                self._waiters.remove(woken)
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
