@@ -1,0 +1,296 @@
+"""The intake's routes: turn a request into validate -> dedup -> queue, and the verdict
+into 202 / 400 / 413 / 503.
+
+POST /events takes exactly the body Intercom's POST /events takes and answers like it
+(202, empty body), so an app using an official SDK only changes its base URL. The hot
+path has no await per event, no task, no log call and one serialisation (in validate).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from typing import Protocol
+
+import orjson
+import structlog
+from aiohttp import web
+
+from ..clock import Clock
+from ..event import Event
+from ..logs import LogThrottle
+from ..metrics import Metrics
+from ..validate import (
+    Normalised,
+    Problem,
+    error_body,
+    parse_json,
+    parse_ndjson,
+    validate_event,
+    validate_summaries,
+)
+
+log = structlog.get_logger("forwarder.intake")
+
+JSON = "application/json"
+RETRY_AFTER_S = "1"
+_MAX_UNKNOWN_NAMES_REMEMBERED = 1024
+
+
+class Admission(enum.Enum):
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+    QUEUE_FULL = "queue_full"
+
+
+class Offerable(Protocol):
+    def offer(self, event: Event) -> bool: ...
+
+
+class KeyWindow(Protocol):
+    def contains(self, key: bytes) -> bool: ...
+
+    def add(self, key: bytes) -> None: ...
+
+
+class Readiness(Protocol):
+    @property
+    def accepting(self) -> bool: ...
+
+    def not_ready_reason(self) -> str | None: ...
+
+
+def _error(status: int, code: str, message: str, field: str | None = None,
+           headers: dict[str, str] | None = None) -> web.Response:
+    err: dict[str, str] = {"code": code, "message": message}
+    if field is not None:
+        err["field"] = field
+    return web.Response(status=status, body=orjson.dumps({"type": "error.list", "errors": [err]}),
+                        content_type=JSON, headers=headers)
+
+
+def _problems(problems: list[Problem]) -> web.Response:
+    return web.Response(status=400, body=error_body(problems), content_type=JSON)
+
+
+def _unavailable(message: str) -> web.Response:
+    return _error(503, "service_unavailable", message, headers={"Retry-After": RETRY_AFTER_S})
+
+
+class Intake:
+    """The intake's aiohttp application. Holds no events itself: admitted ones are in the
+    queue before the 202 is written, so nothing answered 202 exists only in a socket."""
+
+    def __init__(
+        self,
+        *,
+        queue: Offerable,
+        dedup: KeyWindow,
+        metrics: Metrics,
+        clock: Clock,
+        readiness: Readiness,
+        workspace_id: str,
+        max_body_bytes: int,
+        extra_routes: Callable[[web.Application], None] | None = None,
+    ):
+        self._queue = queue
+        self._dedup = dedup
+        self._metrics = metrics
+        self._clock = clock
+        self._readiness = readiness
+        self._workspace_id = workspace_id
+        self._max_body_bytes = max_body_bytes
+        self._extra_routes = extra_routes
+        received = metrics.events_received
+        self._count = {a: received.labels(a.value) for a in Admission}
+        self._count_rejected = received.labels("rejected")
+        self._unknown_seen: set[str] = set()
+        self._truncation_log = LogThrottle(clock, interval_s=10.0)
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self._max_body_bytes)
+        app.router.add_post("/events", self.post_event)
+        app.router.add_post("/events/batch", self.post_batch)
+        app.router.add_post("/events/summaries", self.post_summaries)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/metrics", self.metrics)
+        if self._extra_routes is not None:
+            self._extra_routes(app)
+        return app
+
+    # -- routes -------------------------------------------------------------------------
+
+    async def post_event(self, request: web.Request) -> web.StreamResponse:
+        if not self._readiness.accepting:
+            return _unavailable("the forwarder is shutting down")
+        body = await self._read(request)
+        if isinstance(body, web.Response):
+            return body
+        try:
+            obj = parse_json(body)
+            if isinstance(obj, Problem):
+                self._count_rejected.inc()
+                return _problems([obj])
+            result = validate_event(obj, received_at=self._clock.wall(),
+                                    workspace_id=self._workspace_id)
+            return self._answer_one(result)
+        except Exception:  # a bug, never the user's input: answer 500, keep serving
+            log.exception("intake.unexpected_error", route="/events")
+            return _error(500, "server_error", "unexpected error in the forwarder")
+
+    async def post_summaries(self, request: web.Request) -> web.StreamResponse:
+        if not self._readiness.accepting:
+            return _unavailable("the forwarder is shutting down")
+        body = await self._read(request)
+        if isinstance(body, web.Response):
+            return body
+        try:
+            obj = parse_json(body)
+            if isinstance(obj, Problem):
+                self._count_rejected.inc()
+                return _problems([obj])
+            result = validate_summaries(obj, received_at=self._clock.wall())
+            return self._answer_one(result, ok_status=200)
+        except Exception:
+            log.exception("intake.unexpected_error", route="/events/summaries")
+            return _error(500, "server_error", "unexpected error in the forwarder")
+
+    async def post_batch(self, request: web.Request) -> web.StreamResponse:
+        if not self._readiness.accepting:
+            return _unavailable("the forwarder is shutting down")
+        body = await self._read(request)
+        if isinstance(body, web.Response):
+            return body
+        try:
+            return self._batch(body, ndjson=request.content_type == "application/x-ndjson")
+        except Exception:
+            log.exception("intake.unexpected_error", route="/events/batch")
+            return _error(500, "server_error", "unexpected error in the forwarder")
+
+    async def healthz(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(body=b'{"status":"ok"}', content_type=JSON)
+
+    async def readyz(self, request: web.Request) -> web.StreamResponse:
+        reason = self._readiness.not_ready_reason()
+        if reason is None:
+            return web.Response(body=b'{"ready":true}', content_type=JSON)
+        return web.Response(status=503, body=orjson.dumps({"ready": False, "reason": reason}),
+                            content_type=JSON)
+
+    async def metrics(self, request: web.Request) -> web.StreamResponse:
+        payload, content_type = self._metrics.render()
+        resp = web.Response(body=payload)
+        resp.headers["Content-Type"] = content_type
+        return resp
+
+    # -- verdicts -----------------------------------------------------------------------
+
+    async def _read(self, request: web.Request) -> bytes | web.Response:
+        if request.content_length is not None and request.content_length > self._max_body_bytes:
+            return self._too_large()
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return self._too_large()
+
+    def _too_large(self) -> web.Response:
+        self._count_rejected.inc()
+        return _error(413, "request_too_large",
+                      f"body is larger than intake.max_body_bytes ({self._max_body_bytes})",
+                      field="body")
+
+    def _answer_one(self, result: Normalised | list[Problem], ok_status: int = 202
+                    ) -> web.Response:
+        if isinstance(result, list):
+            self._count_rejected.inc()
+            return _problems(result)
+        admission = self._admit(result)
+        if admission is Admission.QUEUE_FULL:
+            return _unavailable("the forwarder's queue is full; retry later")
+        return web.Response(status=ok_status)
+
+    def _admit(self, normalised: Normalised) -> Admission:
+        event = normalised.event
+        key = event.key
+        if key and self._dedup.contains(key):
+            admission = Admission.DUPLICATE
+        elif not self._queue.offer(event):
+            admission = Admission.QUEUE_FULL
+        else:
+            # Only remembered once queued: a 503'd event must stay sendable again.
+            if key:
+                self._dedup.add(key)
+            admission = Admission.ACCEPTED
+        self._count[admission].inc()
+        if normalised.dropped_metadata_keys or normalised.unknown_fields:
+            self._report_dropped(normalised)
+        return admission
+
+    def _report_dropped(self, normalised: Normalised) -> None:
+        dropped = normalised.dropped_metadata_keys
+        if dropped:
+            self._metrics.metadata_keys_dropped.inc(len(dropped))
+            self._truncation_log.warning(log, "intake.metadata_truncated",
+                                         dropped_keys=list(dropped), limit=10)
+        for name in normalised.unknown_fields:
+            self._metrics.unknown_fields_dropped.inc()
+            if name not in self._unknown_seen and len(self._unknown_seen) < \
+                    _MAX_UNKNOWN_NAMES_REMEMBERED:
+                self._unknown_seen.add(name)
+                log.warning("intake.unknown_field_dropped", field=name)
+
+    def _batch(self, body: bytes, *, ndjson: bool) -> web.Response:
+        if ndjson:
+            items: list[object] = list(parse_ndjson(body))
+        else:
+            parsed = parse_json(body)
+            if isinstance(parsed, Problem):
+                self._count_rejected.inc()
+                return _problems([parsed])
+            if not isinstance(parsed, list):
+                self._count_rejected.inc()
+                return _problems([Problem("body", "POST /events/batch takes a JSON array of "
+                                                  "events, or NDJSON with Content-Type "
+                                                  "application/x-ndjson")])
+            items = parsed
+        accepted = duplicates = 0
+        rejected: list[dict[str, object]] = []
+        not_taken: list[int] = []
+        truncated: list[dict[str, object]] = []
+        received_at = self._clock.wall()
+        for index, item in enumerate(items):
+            result = item if isinstance(item, Problem) else validate_event(
+                item, received_at=received_at, workspace_id=self._workspace_id)
+            if isinstance(result, Problem):
+                result = [result]
+            if isinstance(result, list):
+                rejected.append({"index": index, "errors": [p.as_error() for p in result]})
+                continue
+            admission = self._admit(result)
+            if admission is Admission.ACCEPTED:
+                accepted += 1
+            elif admission is Admission.DUPLICATE:
+                duplicates += 1
+            else:
+                not_taken.append(index)
+                continue
+            if result.dropped_metadata_keys:
+                truncated.append({"index": index,
+                                  "dropped_metadata_keys": list(result.dropped_metadata_keys)})
+        if rejected:
+            self._count_rejected.inc(len(rejected))
+        answer: dict[str, object] = {"accepted": accepted, "duplicates": duplicates,
+                                     "rejected": rejected}
+        if truncated:
+            answer["truncated"] = truncated
+        if not_taken:
+            # The client must resend exactly these; everything else is settled.
+            answer["not_taken"] = not_taken
+            answer["type"] = "error.list"
+            answer["errors"] = [{"code": "service_unavailable",
+                                 "message": f"the forwarder's queue is full; {len(not_taken)} "
+                                            "events not taken (see not_taken); retry them later"}]
+            return web.Response(status=503, body=orjson.dumps(answer), content_type=JSON,
+                                headers={"Retry-After": RETRY_AFTER_S})
+        return web.Response(status=202, body=orjson.dumps(answer), content_type=JSON)
