@@ -1,0 +1,159 @@
+"""Graceful stop: refuse new events, drain, spool what is left, reload it at the next start."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import orjson
+
+from forwarder.fake_intercom import FakeIntercom
+from tests.conftest import TOKEN, wait_until
+
+NOW = 1_700_000_000
+
+
+def event(i: int) -> dict:
+    return {"event_name": "signed-up", "created_at": NOW + i, "user_id": f"u{i}"}
+
+
+def spool_lines(state_dir: Path) -> list[dict]:
+    path = state_dir / "spool.jsonl"
+    return [orjson.loads(x) for x in path.read_bytes().splitlines()] if path.exists() else []
+
+
+async def test_stop_during_retries_spools_with_attempts_and_the_next_start_delivers(
+        tmp_path, make_service, fake_intercom, clock):
+    """Steps: Intercom answers 500 twice; stop while both events wait for a retry.
+    Expect: both in the spool with attempts=1; a new service on the same state dir
+    delivers both and removes the spool."""
+    fake_intercom.script(500, 500)
+    svc = await make_service(clock=clock, shutdown={"drain_seconds": 0})
+    async with aiohttp.ClientSession() as s:
+        for i in range(2):
+            async with s.post(svc.url + "/events", data=orjson.dumps(event(i))) as r:
+                assert r.status == 202
+    await wait_until(lambda: svc.queue.waiting == 2)
+    await svc.stop()
+    state = Path(svc.config.storage.state_dir)
+    lines = spool_lines(state)
+    assert sorted(line["body"]["created_at"] for line in lines) == [NOW, NOW + 1]
+    assert {line["attempts"] for line in lines} == {1}
+
+    again = await make_service(clock=clock)
+    await fake_intercom.wait_for_delivered(2)
+    assert not (state / "spool.jsonl").exists()
+    assert again.metrics.registry.get_sample_value(
+        "intercom_forwarder_spool_loaded_events") == 2
+
+
+async def test_stopping_intake_answers_503(make_service, clock):
+    svc = await make_service(clock=clock)
+    svc._accepting = False  # the first step of stop(), observed from outside
+    async with aiohttp.ClientSession() as s, s.post(svc.url + "/events",
+                                                    data=orjson.dumps(event(0))) as r:
+        assert r.status == 503 and r.headers["Retry-After"] == "1"
+    async with aiohttp.ClientSession() as s, s.get(svc.url + "/readyz") as r:
+        assert r.status == 503
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _start_daemon(tmp_path: Path, upstream: str, drain_seconds: float
+                        ) -> tuple[asyncio.subprocess.Process, str]:
+    port = _free_port()
+    env = {**os.environ,
+           "INTERCOM_ACCESS_TOKEN": TOKEN,
+           "FORWARDER_INTAKE__PORT": str(port),
+           "FORWARDER_INTERCOM__BASE_URL": upstream,
+           "FORWARDER_INTERCOM__TIMEOUT_SECONDS": "1",
+           "FORWARDER_STORAGE__STATE_DIR": str(tmp_path / "state"),
+           "FORWARDER_SHUTDOWN__DRAIN_SECONDS": str(drain_seconds),
+           "FORWARDER_LOG__FORMAT": "json"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "forwarder", "serve", env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+
+    async def _ready() -> None:
+        async with aiohttp.ClientSession() as s:
+            while True:
+                try:
+                    async with s.get(url + "/readyz") as r:
+                        if r.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(_ready(), 15)
+    return proc, url
+
+
+async def test_real_sigterm_with_intercom_unreachable_spools_everything_then_delivers(
+        tmp_path):
+    """Steps: a daemon whose Intercom is unreachable takes 200 events; SIGTERM.
+    Expect: exit 0 within drain_seconds + 1 s, all 200 in the spool; a restart against a
+    working Intercom delivers all 200 and removes the spool."""
+    dead_upstream = f"http://127.0.0.1:{_free_port()}"
+    proc, url = await _start_daemon(tmp_path, dead_upstream, drain_seconds=1)
+    async with aiohttp.ClientSession() as s:
+        batch = [event(i) for i in range(200)]
+        async with s.post(url + "/events/batch", data=orjson.dumps(batch)) as r:
+            assert (await r.json())["accepted"] == 200
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.wait(), 10) == 0
+    assert time.monotonic() - started < 1 + 1.5  # drain_seconds + 1 s, + process exit slack
+    state = tmp_path / "state"
+    assert len(spool_lines(state)) == 200
+
+    fake = FakeIntercom(token=TOKEN)
+    await fake.start()
+    try:
+        proc, url = await _start_daemon(tmp_path, fake.url, drain_seconds=5)
+        await fake.wait_for_delivered(200, timeout=20)
+        assert not (state / "spool.jsonl").exists()
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+        assert sorted(e["user_id"] for e in fake.delivered) == sorted(f"u{i}" for i in range(200))
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await fake.stop()
+
+
+async def test_second_sigterm_skips_the_drain(tmp_path):
+    dead_upstream = f"http://127.0.0.1:{_free_port()}"
+    proc, url = await _start_daemon(tmp_path, dead_upstream, drain_seconds=60)
+    async with aiohttp.ClientSession() as s, s.post(url + "/events",
+                                                    data=orjson.dumps(event(1))) as r:
+        assert r.status == 202
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    # Two pending SIGTERMs coalesce into one: send the second once the first was handled.
+    seen: list[bytes] = []
+
+    async def _until_stop_requested() -> None:
+        while b"service.stop_requested" not in (line := await proc.stderr.readline()):
+            assert line, "daemon exited before handling SIGTERM"
+            seen.append(line)
+
+    await asyncio.wait_for(_until_stop_requested(), 5)
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.wait(), 10) == 0
+    assert time.monotonic() - started < 5
+    assert len(spool_lines(tmp_path / "state")) == 1
+    stderr = b"".join(seen).decode() + (await proc.stderr.read()).decode()
+    assert "service.force_stop_requested" in stderr
+    assert TOKEN not in stderr
