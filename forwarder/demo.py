@@ -113,7 +113,7 @@ async def _drive(svc: Service, fake: FakeIntercom) -> list[Row]:
             row.answers.append((await _post(http, url, ev))[0])
         rows.append(row)
 
-        row = Row("duplicates (same user, name, created_at)", 2)
+        row = Row("duplicates (same composite key)", 2)
         for ev in valid[:2]:
             dup = {**ev, "event_name": "placed-ORDER", "metadata": {"resent": True}}
             row.answers.append((await _post(http, url, dup))[0])
