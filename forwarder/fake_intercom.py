@@ -159,7 +159,8 @@ class FakeIntercom:
     # test controls ---------------------------------------------------------------------
 
     def script(self, *answers: Answer) -> None:
-        """Queue answers for the next POSTs, consumed first in, first out."""
+        """Queue answers for the next POSTs (/events and /events/summaries), consumed
+        first in, first out."""
         self._script.extend(answers)
 
     async def wait_for_requests(self, n: int, timeout: float = 5.0) -> None:
@@ -319,8 +320,14 @@ class FakeIntercom:
         return self._answer(rec, 202)
 
     async def _post_summaries(self, request: web.Request) -> web.StreamResponse:
-        rec, early = await self._admit(request)
-        return early if early is not None else self._answer(rec, 200)
+        # Scriptable like POST /events, so summaries can be driven through every outcome.
+        rec, early = await self._admit(request, scriptable=True)
+        if early is not None:
+            return early
+        obj = rec.json
+        if isinstance(obj, dict) and str(obj.get("user_id")) in self.unknown_contacts:
+            return self._answer(rec, 404, self._error(404))
+        return self._answer(rec, 200)
 
     async def _get_events(self, request: web.Request) -> web.StreamResponse:
         rec, early = await self._admit(request)
