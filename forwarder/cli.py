@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 from pathlib import Path
@@ -18,6 +19,10 @@ from . import __version__
 from .config import Config, ConfigError, load_config, render_effective
 
 EXIT_CONFIG = 2
+EXIT_USAGE = 2  # as argparse's own usage errors
+EXIT_REJECTED = 1  # send: the daemon answered 4xx; sending the same event again cannot help
+EXIT_NOT_TAKEN = 3  # send: unreachable, or 503/5xx; the same event may be sent again later
+SEND_TIMEOUT_S = 5.0
 
 
 def _config_arg(p: argparse.ArgumentParser) -> None:
@@ -55,6 +60,24 @@ def build_parser() -> argparse.ArgumentParser:
         _config_arg(q)
         q.add_argument("--reason", help="only entries with this reason "
                                         "(contact_not_found, rejected, retries_exhausted)")
+
+    p = sub.add_parser("send", help="send one event to a running daemon (exit 0 accepted, "
+                                    "1 rejected, 3 not taken or unreachable)")
+    p.add_argument("event_name", metavar="EVENT_NAME")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user-id", metavar="U")
+    who.add_argument("--email", metavar="E")
+    who.add_argument("--id", metavar="I", help="Intercom's contact id")
+    p.add_argument("--created-at", type=int, metavar="N", help="Unix seconds (default: now)")
+    p.add_argument("--metadata", action="append", default=[], metavar="K=V",
+                   help="one metadata key, repeat for more; V is taken as JSON when it parses "
+                        "(2999, true, "
+                        "'{\"amount\":100,\"currency\":\"usd\"}'), else as a string")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--url", help="the daemon's intake, e.g. http://127.0.0.1:8377 "
+                                     "(default: from the config's intake)")
+    where.add_argument("--socket", metavar="PATH", help="the daemon's Unix socket")
+    _config_arg(p)
     return parser
 
 
@@ -76,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "dead-letters":
             return _dead_letters(args)
+        if args.command == "send":
+            return _send(args)
     except ConfigError as exc:
         print(f"intercom-forwarder: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -140,6 +165,66 @@ def _dead_letters(args: argparse.Namespace) -> int:
     print(orjson.dumps({"accepted": result.accepted, "rejected": len(result.rejected),
                         "failed": result.failed}).decode())
     return 0 if not result.rejected and not result.failed else 1
+
+
+def _send(args: argparse.Namespace) -> int:
+    from .client import EventClient, build_event
+
+    try:
+        metadata = _parse_metadata(args.metadata)
+    except ValueError as exc:
+        print(f"intercom-forwarder send: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    event = build_event(args.event_name, user_id=args.user_id, email=args.email, id=args.id,
+                        created_at=args.created_at, metadata=metadata or None)
+    try:
+        if args.socket:
+            client = EventClient(unix_socket=args.socket, timeout_s=SEND_TIMEOUT_S)
+        elif args.url:
+            client = EventClient(args.url, timeout_s=SEND_TIMEOUT_S)
+        else:
+            intake = _load(args.config).intake
+            host = "127.0.0.1" if intake.host in ("0.0.0.0", "::", "") else intake.host
+            client = EventClient(f"http://{host}:{intake.port}",
+                                 unix_socket=intake.unix_socket or None,
+                                 timeout_s=SEND_TIMEOUT_S)
+    except ValueError as exc:  # a malformed --url
+        print(f"intercom-forwarder send: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    with client:
+        reply = client.post_event(event)
+    answer = reply.body.decode("utf-8", "replace")
+    if reply.accepted:
+        print(f"{reply.status} accepted")
+        return 0
+    if reply.outcome == "rejected":
+        print(f"intercom-forwarder send: rejected ({reply.status}): {answer or reply.error}",
+              file=sys.stderr)
+        return EXIT_REJECTED
+    if reply.status:
+        print(f"intercom-forwarder send: not taken ({reply.status}), try again later: "
+              f"{answer}", file=sys.stderr)
+    else:
+        print(f"intercom-forwarder send: cannot reach the daemon at {client.target}: "
+              f"{reply.error}", file=sys.stderr)
+    return EXIT_NOT_TAKEN
+
+
+def _parse_metadata(pairs: list[str]) -> dict[str, object]:
+    """K=V pairs; V as JSON when it parses (not NaN/Infinity, which are not JSON), else text."""
+    def no_constants(name: str) -> object:
+        raise ValueError(name)
+
+    metadata: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--metadata takes KEY=VALUE, got {pair!r}")
+        try:
+            metadata[key] = json.loads(text, parse_constant=no_constants)
+        except ValueError:
+            metadata[key] = text
+    return metadata
 
 
 if __name__ == "__main__":
