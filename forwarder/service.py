@@ -26,6 +26,7 @@ from .deadletter import DeadLetterFile
 from .dedup import DedupWindow
 from .intake.http import Intake
 from .intake.listen import Listener
+from .intake.proxy import EventsProxy
 from .metrics import Metrics
 from .notify import SystemdNotifier
 from .queue import EventQueue
@@ -73,10 +74,13 @@ class Service:
                                clock=self.clock, retry=config.retry,
                                concurrency=config.workers.concurrency, rng=self._rng,
                                on_dead_letter=self._forget_key)
+        # GET /events: reads share the workers' rate gate and client (ahead of writes).
+        self.proxy = EventsProxy(gate=self.gate, upstream=self.upstream, readiness=self)
         self.intake = Intake(queue=self.queue, dedup=self.dedup, metrics=self.metrics,
                              clock=self.clock, readiness=self,
                              workspace_id=config.intercom.workspace_id,
-                             max_body_bytes=config.intake.max_body_bytes)
+                             max_body_bytes=config.intake.max_body_bytes,
+                             extra_routes=self.proxy.add_routes)
         self.listener = Listener(self.intake.app(), host=config.intake.host,
                                  port=config.intake.port, unix_socket=config.intake.unix_socket,
                                  sockets=listen_sockets)
