@@ -455,7 +455,6 @@ class AsyncEventClient(_Counting):
         version, status_text = status_line.split(None, 2)[:2]
         status = int(status_text)
         length: int | None = None
-        chunked = False
         keep = version == b"HTTP/1.1"
         while True:
             line = await reader.readline()
@@ -467,35 +466,17 @@ class AsyncEventClient(_Counting):
             name, value = name.strip().lower(), value.strip().lower()
             if name == b"content-length":
                 length = int(value)
-            elif name == b"transfer-encoding":
-                chunked = value == b"chunked"
+            elif name == b"transfer-encoding":  # the intake always sends Content-Length
+                raise ValueError(f"unexpected Transfer-Encoding {value.decode()!r}")
             elif name == b"connection":
                 keep = value == b"keep-alive" or (keep and value != b"close")
-        if chunked:
-            answer = await _read_chunked(reader)
-        elif length is not None:
+        if length is not None:
             if length > _MAX_ANSWER_BYTES:
                 raise ValueError(f"answer too large ({length} bytes)")
             answer = await reader.readexactly(length)
         else:
-            answer, keep = await reader.read(_MAX_ANSWER_BYTES), False
+            answer, keep = await reader.read(), False  # delimited by the close
         return status, answer, keep
-
-
-async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
-    parts: list[bytes] = []
-    total = 0
-    while True:
-        size = int((await reader.readline()).split(b";", 1)[0].strip() or b"x", 16)
-        if size == 0:
-            while (await reader.readline()) not in (b"\r\n", b"\n", b""):
-                pass  # trailers
-            return b"".join(parts)
-        total += size
-        if total > _MAX_ANSWER_BYTES:
-            raise ValueError("answer too large")
-        parts.append(await reader.readexactly(size))
-        await reader.readexactly(2)  # CRLF after each chunk
 
 
 def _describe(exc: BaseException) -> str:
