@@ -145,8 +145,11 @@ def _install_loop(choice: str) -> None:
 
 def _dead_letters(args: argparse.Namespace) -> int:
     from .deadletter import read_entries, replay
+    from .logs import configure_logging
 
     cfg = _load(args.config)
+    # stdout carries only the JSON lines people pipe into jq; log lines go to stderr.
+    configure_logging(cfg.log.level, cfg.log.format)
     state_dir = Path(cfg.storage.state_dir)
     if args.dl_command == "list":
         out = sys.stdout.buffer

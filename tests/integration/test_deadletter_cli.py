@@ -154,7 +154,7 @@ async def test_replay_after_the_contact_exists_delivers_them_and_removes_only_th
     accepted and delivered to Intercom, and only the rejected entry left in the file."""
     svc = await daemon_with_dead_letters(make_service, intercom, clock)
     intercom.unknown_contacts = set()
-    code, out, err = await dead_letters(svc, "replay", "--reason", "contact_not_found",
+    code, out, _err = await dead_letters(svc, "replay", "--reason", "contact_not_found",
                                         transport=transport)
     assert code == 0
     assert replay_summary(out) == {"accepted": 2, "rejected": 0, "failed": 0}
@@ -204,10 +204,6 @@ async def test_replay_with_the_daemon_down_removes_nothing_and_exits_1(
     assert len(intercom.requests) == 3  # only the original attempts ever reached Intercom
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: forwarder/cli.py _dead_letters() never calls configure_logging(), so structlog's "
-    "default logger prints deadletter.* warnings and deadletter.replayed to stdout, "
-    "between the JSON lines"))
 async def test_the_cli_writes_only_json_to_stdout_and_its_log_lines_to_stderr(
         make_service, intercom, clock):
     """Steps: a line that is not a dead-letter record is in the file; list, then replay.
