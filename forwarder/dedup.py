@@ -1,7 +1,8 @@
 """Bounded window of recently accepted dedup keys, by age and by count.
 
-Intake asks contains(key) before offering an event and add(key) only once the queue took
-it; a dead-lettered event's key is forget()-ten so that a replay is not a "duplicate".
+Intake calls add_if_absent(key) (one lookup) and forget(key) when the queue then refuses
+the event, so a 503 never poisons the client's retry; a dead-lettered event's key is
+forget()-ten so that a replay is not a "duplicate".
 
 Memory layout (the window is meant to hold ~1e6 keys in well under 150 bytes each):
 
@@ -75,9 +76,22 @@ class DedupWindow:
         gen = self._where.get(_first_u64(key)[0])
         return gen is not None and gen.expires_at > self._clock.monotonic()
 
+    def add_if_absent(self, key: bytes) -> bool:
+        """contains() and add() in one lookup: False (and nothing changes) for a key still
+        in the window, else remember it and return True. The intake's hot path."""
+        k = _first_u64(key)[0]
+        now = self._clock.monotonic()
+        gen = self._where.get(k)
+        if gen is not None and gen.expires_at > now:
+            return False
+        self._add(k, now)
+        return True
+
     def add(self, key: bytes) -> None:
         """Remember key from now on (re-adding an old key restarts its window)."""
-        now = self._clock.monotonic()
+        self._add(_first_u64(key)[0], self._clock.monotonic())
+
+    def _add(self, k: int, now: float) -> None:
         gens = self._gens
         if gens and gens[0].expires_at <= now:
             self._expire(now)
@@ -87,7 +101,6 @@ class DedupWindow:
             closes_at = now + self._width_s
             gen = _Generation(closes_at, closes_at + self._window_s)
             gens.append(gen)
-        k = _first_u64(key)[0]
         gen.keys.append(k)
         where = self._where
         where[k] = gen

@@ -48,9 +48,9 @@ class Offerable(Protocol):
 
 
 class KeyWindow(Protocol):
-    def contains(self, key: bytes) -> bool: ...
+    def add_if_absent(self, key: bytes) -> bool: ...
 
-    def add(self, key: bytes) -> None: ...
+    def forget(self, key: bytes) -> None: ...
 
 
 class Readiness(Protocol):
@@ -206,26 +206,25 @@ class Intake:
             self._count_rejected.inc()
             return _problems(result)
         admission = self._admit(result)
+        self._count[admission].inc()
         if admission is Admission.QUEUE_FULL:
             return _unavailable("the forwarder's queue is full; retry later")
         return web.Response(status=ok_status)
 
     def _admit(self, normalised: Normalised) -> Admission:
+        """Dedup, then queue. Counting is the caller's, so a batch counts once."""
         event = normalised.event
         key = event.key
-        if key and self._dedup.contains(key):
-            admission = Admission.DUPLICATE
-        elif not self._queue.offer(event):
-            admission = Admission.QUEUE_FULL
-        else:
-            # Only remembered once queued: a 503'd event must stay sendable again.
+        if key and not self._dedup.add_if_absent(key):
+            return Admission.DUPLICATE
+        if not self._queue.offer(event):
+            # Not taken, so not seen: the client's retry of this event must go through.
             if key:
-                self._dedup.add(key)
-            admission = Admission.ACCEPTED
-        self._count[admission].inc()
+                self._dedup.forget(key)
+            return Admission.QUEUE_FULL
         if normalised.dropped_metadata_keys or normalised.unknown_fields:
             self._report_dropped(normalised)
-        return admission
+        return Admission.ACCEPTED
 
     def _report_dropped(self, normalised: Normalised) -> None:
         dropped = normalised.dropped_metadata_keys
@@ -278,6 +277,12 @@ class Intake:
             if result.dropped_metadata_keys:
                 truncated.append({"index": index,
                                   "dropped_metadata_keys": list(result.dropped_metadata_keys)})
+        if accepted:
+            self._count[Admission.ACCEPTED].inc(accepted)
+        if duplicates:
+            self._count[Admission.DUPLICATE].inc(duplicates)
+        if not_taken:
+            self._count[Admission.QUEUE_FULL].inc(len(not_taken))
         if rejected:
             self._count_rejected.inc(len(rejected))
         answer: dict[str, object] = {"accepted": accepted, "duplicates": duplicates,

@@ -131,3 +131,21 @@ def test_expired_keys_are_dropped_when_the_window_is_idle(clock):
 def test_a_window_without_room_is_refused(clock, window_seconds, max_keys):
     with pytest.raises(ValueError):
         DedupWindow(window_seconds, max_keys, clock)
+
+
+def test_add_if_absent_admits_a_key_once_per_window(clock):
+    window = DedupWindow(window_seconds=60, max_keys=10, clock=clock)
+    assert window.add_if_absent(key(1)) is True
+    assert window.add_if_absent(key(1)) is False
+    assert window.contains(key(1))
+    clock.advance(60 * (1 + 1 / GENERATIONS) + 1)
+    assert window.add_if_absent(key(1)) is True  # the old copy expired: a new event
+
+
+def test_add_if_absent_then_forget_leaves_the_key_admissible(clock):
+    """The intake forgets a key when the queue refuses its event (503): the retry must pass."""
+    window = DedupWindow(window_seconds=60, max_keys=10, clock=clock)
+    assert window.add_if_absent(key(2)) is True
+    window.forget(key(2))
+    assert len(window) == 0
+    assert window.add_if_absent(key(2)) is True
