@@ -113,9 +113,9 @@ def json_lines(text: str) -> list[dict]:
 
 
 def replay_summary(out: str) -> dict:
-    """replay's one-line JSON summary: the last line of stdout. Log lines may come before
-    it while the CLI logs to stdout (see test_the_cli_writes_only_json_to_stdout)."""
-    return orjson.loads(out.splitlines()[-1])
+    """replay's summary: stdout is exactly one JSON line (its logs go to stderr)."""
+    [line] = out.splitlines()
+    return orjson.loads(line)
 
 
 async def test_list_with_a_reason_prints_each_such_dead_letter_as_one_json_line(
