@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import stat
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
@@ -274,9 +275,24 @@ def _remove_lines(state_dir: Path, raw_lines: list[bytes]) -> None:
     log.info("deadletter.replayed", removed=len(raw_lines) - sum(pending.values()))
 
 
+def _keep_owner(fd: int, reference: Path) -> None:
+    """Give a file we create the owner and mode of the one it stands for. An operator may
+    run the CLI as root beside a daemon running as its own user; a root-owned 0600 file
+    would lock the daemon out of its own dead-letter file."""
+    try:
+        st = os.stat(reference)
+    except FileNotFoundError:
+        return
+    if os.geteuid() == 0 and (st.st_uid, st.st_gid) != (os.getuid(), os.getgid()):
+        os.fchown(fd, st.st_uid, st.st_gid)
+    if reference.is_file():
+        os.fchmod(fd, stat.S_IMODE(st.st_mode))
+
+
 def _rewrite(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        _keep_owner(fd, path if path.exists() else path.parent)
         with open(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -331,7 +347,13 @@ def _rotated(path: Path, n: int) -> Path:
 def _open_lock(path: Path) -> int:
     """The sidecar lock file of a dead-letter file set (dead-letter.jsonl.lock)."""
     lock_path = path.with_name(path.name + ".lock")
-    return os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+    try:
+        _keep_owner(fd, path.parent)  # the state dir belongs to the daemon's user
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 @contextlib.contextmanager

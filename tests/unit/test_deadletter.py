@@ -333,3 +333,28 @@ def test_rotation_drops_files_beyond_a_lowered_keep_files(state_dir, clock):
         f"{DEAD_LETTER_NAME}.2",
     ]
     assert names_in(state_dir / f"{DEAD_LETTER_NAME}.1") == ["a"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can create files for another user")
+async def test_a_replay_run_as_root_leaves_the_files_to_the_daemons_user(state_dir, clock,
+                                                                          intake):
+    """Steps: the daemon's user (nobody) owns the state dir and the dead-letter file; root
+    replays. Expect: the rewritten file and the lock file still belong to nobody, so the
+    daemon can go on appending."""
+    import pwd
+    nobody = pwd.getpwnam("nobody")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    os.chown(state_dir, nobody.pw_uid, nobody.pw_gid)
+    daemon_side = DeadLetterFile(state_dir / DEAD_LETTER_NAME, max_bytes=1 << 20,
+                                 keep_files=2, clock=clock)
+    for name in ("ok-1", "bad-1"):
+        add(daemon_side, name)
+    daemon_side.close()
+    for p in state_dir.iterdir():
+        os.chown(p, nobody.pw_uid, nobody.pw_gid)
+    await replay(state_dir, base_url=intake.base_url)
+    owners = {p.name: (p.stat().st_uid, oct(p.stat().st_mode & 0o777))
+              for p in state_dir.iterdir()}
+    assert owners[DEAD_LETTER_NAME] == (nobody.pw_uid, "0o600")
+    assert owners[DEAD_LETTER_NAME + ".lock"][0] == nobody.pw_uid
+    assert names_in(state_dir / DEAD_LETTER_NAME) == ["bad-1"]
