@@ -261,8 +261,16 @@ class Workers:
     def _dead_letter(self, event: Event, verdict: Verdict, reason: str) -> None:
         if verdict.outcome is Outcome.DEAD_LETTER:
             event.attempts += 1
-        self._dead_letters.append(event, reason=reason, status=verdict.status,
-                                  response_body=verdict.body)
+        try:
+            self._dead_letters.append(event, reason=reason, status=verdict.status,
+                                      response_body=verdict.body)
+        except OSError as exc:
+            # The disk refused the line (full, or permissions): the event must not vanish.
+            # It waits as a retry; if the daemon stops first, the spool keeps it.
+            self._dead_log.error(log, "deadletter.write_failed", reason=reason,
+                                 error=repr(exc))
+            self._queue.retry_later(event, self._retry.max_delay_seconds)
+            return
         self._metrics.events_forwarded.labels("dead_lettered", reason).inc()
         if self._on_dead_letter is not None:
             self._on_dead_letter(event)
@@ -297,8 +305,10 @@ class Workers:
                 self._paused_event = None
                 acquired = False
                 try:
-                    await self._gate.acquire()
+                    waited = await self._gate.acquire()
                     acquired = True
+                    if waited:
+                        self._metrics.rate_limit_wait.inc(waited)
                     self._in_flight += 1
                     try:
                         verdict = await self._upstream.send(event)

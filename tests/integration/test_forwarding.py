@@ -193,3 +193,25 @@ async def test_remaining_reaching_zero_holds_every_worker_until_reset(make_servi
         assert fake.rate_limited == 0
     finally:
         await fake.stop()
+
+
+async def test_a_dead_letter_the_disk_refuses_is_kept_not_lost(tmp_path, make_service, clock,
+                                                                captured_logs):
+    """Steps: the dead-letter path cannot be written (here: a directory stands there);
+    Intercom answers 404; the daemon stops. Expect: no worker crash, the failure is logged,
+    and the event is in the spool instead of nowhere."""
+    fake = FakeIntercom(token=TOKEN, unknown_contacts=["ghost"])
+    await fake.start()
+    try:
+        (tmp_path / "state" / "dead-letter.jsonl").mkdir(parents=True)
+        svc = await make_service(clock=clock, upstream_url=fake.url,
+                                 shutdown={"drain_seconds": 0})
+        assert await post(svc, event(user="ghost")) == 202
+        await wait_until(lambda: any(e["event"] == "deadletter.write_failed"
+                                     for e in captured_logs))
+        assert svc.workers.crashed is None
+        await svc.stop()
+        spool = (tmp_path / "state" / "spool.jsonl").read_bytes().splitlines()
+        assert [orjson.loads(x)["body"]["user_id"] for x in spool] == ["ghost"]
+    finally:
+        await fake.stop()
