@@ -82,6 +82,16 @@ class Metrics:
             registry=r,
         )
 
+        # Series that exist from the start read 0 rather than absent, so rate() and
+        # increase() see the first event of each kind.
+        for outcome in ("accepted", "duplicate", "rejected", "queue_full"):
+            self.events_received.labels(outcome)
+        self.events_forwarded.labels("delivered", "")
+        for reason in ("server_error", "timeout", "connection_error"):
+            self.events_forwarded.labels("retried", reason)
+        for reason in ("contact_not_found", "rejected", "retries_exhausted"):
+            self.events_forwarded.labels("dead_lettered", reason)
+
     def bind_queue(self, ready: Callable[[], int], waiting: Callable[[], int]) -> None:
         """Read queue sizes at scrape time, so the hot path never updates a gauge."""
         self.queue_depth.set_function(ready)
