@@ -49,8 +49,9 @@ EVENTS = [
     pytest.param({**BASE, "metadata": {"gift": True}}, id="metadata-boolean"),
     pytest.param({**BASE, "metadata": {"order_date": 1392036272,
                                        "stripe_invoice": "inv_3434343434",
-                                       "order_number": {"value": "3434-3434",
-                                                        "url": "https://example.org/orders/3434-3434"},
+                                       "order_number": {
+                                           "value": "3434-3434",
+                                           "url": "https://example.org/orders/3434-3434"},
                                        "price": {"currency": "usd", "amount": 2999}}},
                  id="metadata-intercoms-own-example"),
     pytest.param({**BASE, "metadata": {"dropped": None, "kept": "x"}},

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Self
 
 import aiohttp
 import orjson
@@ -113,7 +114,7 @@ async def test_each_documented_query_reaches_intercom_as_sent(make_service, fake
 async def test_an_invalid_query_gets_a_400_naming_the_parameter_and_never_reaches_intercom(
         make_service, fake_intercom, query, field, code):
     svc = await make_service()
-    status, headers, body = await get(svc, query)
+    status, _, body = await get(svc, query)
     assert status == 400
     answer = orjson.loads(body)
     assert answer["type"] == "error.list"
@@ -203,7 +204,7 @@ async def test_reads_still_work_while_forwarding_is_paused_and_report_intercoms_
     svc = await make_service(clock=clock)
     assert await post(svc, event()) == 202
     await wait_until(lambda: svc.workers.paused)
-    status, headers, body = await get(svc, "type=user&user_id=u1")
+    status, _, body = await get(svc, "type=user&user_id=u1")
     assert status == 401
     answer = orjson.loads(body)
     assert answer["type"] == "error.list"
@@ -224,7 +225,7 @@ class _Silent:
         self._server: asyncio.Server | None = None
         self._writers: list[asyncio.StreamWriter] = []
 
-    async def __aenter__(self) -> _Silent:
+    async def __aenter__(self) -> Self:
         async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             self._writers.append(writer)
 

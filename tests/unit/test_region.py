@@ -21,7 +21,7 @@ OPENAPI = Path(__file__).resolve().parents[2].parent / "shared" / "intercom-open
 def documented_servers() -> dict[str, str]:
     """description -> url, from the top-level `servers:` list of Intercom's OpenAPI file."""
     assert OPENAPI.exists(), f"Intercom's OpenAPI description is missing: {OPENAPI}"
-    block = re.search(r"^servers:\n((?:[- ] .*\n)+)", OPENAPI.read_text(), re.M)
+    block = re.search(r"^servers:\n((?:[- ] .*\n)+)", OPENAPI.read_text(), re.MULTILINE)
     assert block is not None, "no top-level servers: list in the OpenAPI file"
     pairs = re.findall(r"- url: (\S+)\n\s+description: (.+)", block.group(1))
     return {description: url for url, description in pairs}
