@@ -1,6 +1,6 @@
 """Intake cost in instructions per event, under callgrind: the figure noise cannot move.
 
-    .venv/bin/python bench/callgrind_intake.py           # ~3-4 minutes, writes RESULTS.md
+    .venv/bin/python bench/callgrind_intake.py           # ~3 minutes, writes RESULTS.md
     .venv/bin/python bench/callgrind_intake.py --no-write
 
 On a shared machine, requests per second move with whatever else runs, and even CPU time
@@ -9,7 +9,7 @@ event do not: callgrind counts the same total for the same program and input wha
 the machine is doing. So this bench answers "did the daemon's intake get cheaper?"
 exactly, where bench/run_intake.py answers "how fast is it here, now?".
 
-For the baseline (bench/baseline_server.py) and the daemon, on asyncio:
+For the baseline (bench/baseline_server.py) and the daemon, on asyncio and on uvloop:
   1. start the server under `valgrind --tool=callgrind --instr-atstart=no` (imports run
      uninstrumented, so start-up takes seconds, not minutes);
   2. switch instrumentation on (callgrind_control -i on), warm up;
@@ -83,8 +83,10 @@ class CallgrindServers(ri.Servers):
             "--instr-atstart=no",
             f"--callgrind-out-file={out_file}",
         ]
+        env = "PYTHONPATH=bench/.deps " if t.loop == "uvloop" else ""
         self.commands[t.label] = (
-            f"{ri.pin_shown(ri.SERVER_CPU)} valgrind --tool=callgrind --instr-atstart=no {shown}"
+            f"{env}{ri.pin_shown(ri.SERVER_CPU)} valgrind --tool=callgrind --instr-atstart=no "
+            + shown
         )
         log = self.workdir / f"{t.kind}-{t.loop}-{port}.log"
         with open(log, "wb") as out:
@@ -184,13 +186,13 @@ def measure_target(servers: CallgrindServers, client: Client, t: ri.Target, args
 
 
 def render(results: dict[str, dict], args, machine: dict, commands: dict) -> str:
-    b, d = results.get("baseline/asyncio"), results.get("daemon/asyncio")
     lines = [
         SECTION[0],
         "## Intake, instructions per event (callgrind)",
         "",
         f"Measured {machine['date']} on {machine['nproc']} cores ({machine['cpu']}), "
         f"Python {machine['python']}, aiohttp {machine['aiohttp']}, orjson {machine['orjson']}, "
+        f"uvloop {machine['uvloop']}, "
         f"commit {machine['commit']}. Under callgrind: {args.requests} single events and "
         f"{args.batches} batches of {args.batch}, each after a fifth as many to warm up, "
         f"over {args.connections} keep-alive connections. The daemon's forwarding is off "
@@ -198,13 +200,24 @@ def render(results: dict[str, dict], args, machine: dict, commands: dict) -> str
         "",
         "Reproduce: `.venv/bin/python bench/callgrind_intake.py`",
         "",
-        "| figure | daemon | baseline | baseline / daemon |",
-        "| --- | ---: | ---: | ---: |",
+        "| figure | loop | daemon | baseline | baseline / daemon |",
+        "| --- | --- | ---: | ---: | ---: |",
     ]
-    for mode, name in (("single", "single events"), ("batch", f"batches of {args.batch}")):
-        if b and d:
+    for loop in ("asyncio", "uvloop"):
+        b, d = results.get(f"baseline/{loop}"), results.get(f"daemon/{loop}")
+        for mode, name in (("single", "single events"), ("batch", f"batches of {args.batch}")):
+            if b and d:
+                lines.append(
+                    f"| {name}, Ir/event | {loop} | {d[mode]:,.0f} | {b[mode]:,.0f} | "
+                    f"{b[mode] / d[mode]:.2f} |"
+                )
+    if "daemon/uvloop" in results and "daemon/asyncio" in results:
+        lines += ["", "uvloop / asyncio, Ir per event (below 1: uvloop executes fewer):", ""]
+        lines += ["| target | single | batch |", "| --- | ---: | ---: |"]
+        for kind in ("baseline", "daemon"):
+            u, x = results[f"{kind}/uvloop"], results[f"{kind}/asyncio"]
             lines.append(
-                f"| {name}, Ir/event | {d[mode]:,.0f} | {b[mode]:,.0f} | {b[mode] / d[mode]:.2f} |"
+                f"| {kind} | {u['single'] / x['single']:.2f} | {u['batch'] / x['batch']:.2f} |"
             )
     lines += ["", "Servers (the load is callgrind_intake.py's own fixed-count client):", ""]
     lines += [f"- {k}: `{v}`" for k, v in commands.items()]
@@ -219,8 +232,14 @@ def main() -> None:
     p.add_argument("--connections", type=int, default=4)
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--python", default=str(ri.ROOT / ".venv" / "bin" / "python"))
+    p.add_argument("--loops", default="asyncio,uvloop")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
+    loops = [lp for lp in args.loops.split(",") if lp]
+    uv = ri.uvloop_available(args.python)
+    if "uvloop" in loops and not uv:
+        loops.remove("uvloop")
+        print("uvloop not importable (pip install --target bench/.deps uvloop): asyncio only")
     os.sched_setaffinity(0, {int(ri.CLIENT_CPU)})
     client = Client(args.connections, args.batch)
     results: dict[str, dict] = {}
@@ -247,13 +266,14 @@ def main() -> None:
             servers = CallgrindServers(args.python, "serve", workdir, sink_port, 4_000_000)
             # No forwarding while measured (see the module docstring).
             servers.extra = ri.FORWARDING_OFF
-            for kind in ("baseline", "daemon"):
-                t = ri.Target(kind, "asyncio")
-                results[t.label] = measure_target(servers, client, t, args)
+            for loop in loops:
+                for kind in ("baseline", "daemon"):
+                    t = ri.Target(kind, loop)
+                    results[t.label] = measure_target(servers, client, t, args)
         finally:
             ri.stop(sink)
     commands = dict(servers.commands)
-    machine = ri.machine(args.python, None)
+    machine = ri.machine(args.python, uv)
     section = render(results, args, machine, commands)
     (ri.BENCH / "results-callgrind.json").write_text(json.dumps(results, indent=1))
     if not args.no_write:

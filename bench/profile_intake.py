@@ -150,6 +150,7 @@ def main() -> None:
             with servers.running(ri.Target(args.target, args.loop)) as (port, proc, _log):
                 if args.target == "daemon":
                     ri.check_target(wrk, port, "daemon")
+                    ri.settle_forwarding(sink_port)
                 wrk.run(port, args.mode, 1)
                 spy = subprocess.Popen(
                     [
