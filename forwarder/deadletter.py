@@ -171,7 +171,7 @@ class DeadLetterEntry:
 
 @dataclass(frozen=True, slots=True)
 class ReplayResult:
-    accepted: int  # answered 202 and removed from the files
+    accepted: int  # answered 2xx and removed from the files
     rejected: list[tuple[DeadLetterEntry, int, bytes]]  # (entry, status, the intake's body)
     failed: int  # never answered: daemon down, timeout, connection reset
 
@@ -206,7 +206,7 @@ async def replay(
     timeout_s: float = 10,
 ) -> ReplayResult:
     """Re-submit entries to a running daemon's intake (base_url like http://127.0.0.1:8377,
-    or its Unix socket) and remove only those it answered 202."""
+    or its Unix socket) and remove only those it accepted (2xx)."""
     if (base_url is None) == (unix_socket is None):
         raise ValueError("give exactly one of base_url or unix_socket")
     entries = read_entries(state_dir, reason)
@@ -242,7 +242,7 @@ async def replay(
                     error=repr(exc),
                 )
                 continue
-            if status == 202:
+            if 200 <= status < 300:  # 202 for events, 200 for summaries
                 accepted.append(entry.raw)
             else:
                 rejected.append((entry, status, answer))

@@ -139,10 +139,6 @@ async def test_a_401_pauses_forwarding_and_the_summary_goes_once_the_token_works
     assert dead_letters(svc) == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: forwarder/deadletter.py replay() counts only a 202 as accepted, but the intake "
-    "answers POST /events/summaries 200; a replayed summary is queued again AND kept in the "
-    "file, so the next replay sends it twice (summaries are not de-duplicated)"))
 async def test_a_dead_lettered_summary_is_replayed_once_and_removed(make_service, clock):
     """Steps: a summary for an unknown user is dead-lettered; the user is created; the
     dead letters are replayed. Expect: the summary delivered and gone from the file."""
