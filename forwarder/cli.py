@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -121,7 +122,12 @@ def _serve(args: argparse.Namespace) -> int:
     async def _main() -> int:
         service = Service(cfg, notifier=SystemdNotifier.from_env(os.environ),
                           listen_sockets=listen_fds(os.environ))
-        return await service.run()
+        code = await service.run()
+        # Everything is delivered or spooled now: a late SIGTERM (systemd, a test, an
+        # impatient operator) must not turn this exit 0 into death by signal in teardown.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+        return code
 
     try:
         return asyncio.run(_main())
