@@ -60,6 +60,7 @@ sys.path.insert(0, str(ROOT))
 import aiohttp
 import orjson
 
+from forwarder.clock import SystemClock
 from forwarder.fake_intercom import FakeIntercom
 
 RESULTS_MD = BENCH / "RESULTS.md"
@@ -255,24 +256,45 @@ async def scrape(session: aiohttp.ClientSession, port: int) -> dict[str, float]:
 # --------------------------------------------------------------------------- the fake
 
 
+class SkewedClock(SystemClock):
+    """The fake Intercom's clock: its wall() is behind ours by skew_s (ahead if negative)."""
+
+    def __init__(self, skew_s: float):
+        self.skew_s = skew_s
+
+    def wall(self) -> float:
+        return time.time() - self.skew_s
+
+
 class WindowedFake(FakeIntercom):
-    """FakeIntercom that also notes, for every answer, its wall time, window and status.
+    """FakeIntercom that also notes, for every answer, its wall time, window and status;
+    optionally each POST /events waits latency_s before Intercom counts it (the request's
+    way there), and its clock may be skewed against the daemon's.
 
     It hooks FakeIntercom._answer, which every answer goes through; _count() runs in the
     same synchronous step just before it, so _window_index is this request's window.
     """
 
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, *, latency_s: float = 0.0, skew_s: float = 0.0, **kwargs):
+        super().__init__(clock=SkewedClock(skew_s), **kwargs)
+        self.latency_s = latency_s
         self.answers: list[tuple[float, int, int]] = []  # (wall, window index, status)
+
+    def wall(self) -> float:
+        return self._clock.wall()
 
     def _answer(self, rec, status, body=b"", *, rated=True):
         self.answers.append((self._clock.wall(), self._window_index, status))
         return super()._answer(rec, status, body, rated=rated)
 
+    async def _post_events(self, request):
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        return await super()._post_events(request)
 
-async def sleep_until_wall(t: float) -> None:
-    await asyncio.sleep(max(0.0, t - time.time()))
+
+async def sleep_until_wall(t: float, wall=time.time) -> None:
+    await asyncio.sleep(max(0.0, t - wall()))
 
 
 # --------------------------------------------------------------------------- one scenario
@@ -285,6 +307,8 @@ class Scenario:
     window_s: float
     configured: int  # rate_limit.requests
     windows: int  # measured windows
+    skew_s: float = 0.0  # Intercom's clock behind the daemon's by this (ahead if negative)
+    latency_s: float = 0.0  # one way, before Intercom counts a request
 
     @property
     def label(self) -> str:
@@ -292,7 +316,12 @@ class Scenario:
         what = {"a": "configured = real", "b": "configured 1.5x real", "c": "real 1.5x configured"}[
             self.key
         ]
-        return f"({self.key}) {shape}, {what}"
+        extra = "".join(
+            f", {name} {v * 1000:g} ms"
+            for name, v in (("skew", self.skew_s), ("latency", self.latency_s))
+            if v
+        )
+        return f"({self.key}) {shape}, {what}{extra}"
 
 
 @dataclass
@@ -338,7 +367,14 @@ def per_window(answers: list[tuple[float, int, int]], window_s: float) -> dict[i
 
 
 async def run_scenario(sc: Scenario, args: argparse.Namespace, workdir: Path, run: int) -> Outcome:
-    fake = WindowedFake(token=TOKEN, budget=sc.budget, window_seconds=sc.window_s)
+    fake = WindowedFake(
+        token=TOKEN,
+        budget=sc.budget,
+        window_seconds=sc.window_s,
+        latency_s=sc.latency_s,
+        skew_s=sc.skew_s,
+    )
+    wall = fake.wall  # windows are Intercom's: every edge below is on the fake's clock
     await fake.start()
     port = free_port()
     run_dir = workdir / f"{sc.key}-{sc.budget}-{run}"
@@ -362,15 +398,15 @@ async def run_scenario(sc: Scenario, args: argparse.Namespace, workdir: Path, ru
             await daemon.wait_ready(session)
             W = sc.window_s
             # start the preload just after an edge so it lands early in one window
-            await sleep_until_wall((math.floor(time.time() / W) + 1) * W + 0.05)
-            t0 = time.time()
+            await sleep_until_wall((math.floor(wall() / W) + 1) * W + 0.05, wall)
+            t0 = wall()
             accepted = await post_events(session, port, 0, preload, run)
-            t1 = time.time()
+            t1 = wall()
             first = math.floor(t1 / W) + 1
             last = first + sc.windows - 1
-            await sleep_until_wall(first * W)
+            await sleep_until_wall(first * W, wall)
             cpu0, core0 = cpu_seconds(daemon.pid), core_times(DAEMON_CPU)
-            await sleep_until_wall((last + 1) * W)
+            await sleep_until_wall((last + 1) * W, wall)
             cpu1, core1 = cpu_seconds(daemon.pid), core_times(DAEMON_CPU)
             metrics = await scrape(session, port)
         finally:
@@ -604,15 +640,19 @@ def scenarios(args: argparse.Namespace) -> list[Scenario]:
     def configured(key: str, b: int) -> int:
         return {"a": b, "b": round(1.5 * b), "c": round(b / 1.5)}[key]
 
+    keys = args.scenarios.split(",")
+    skew_s, latency_s = args.skew_ms / 1000, args.latency_ms / 1000
     out = [
-        Scenario(k, args.budget, args.window, configured(k, args.budget), args.windows)
-        for k in args.scenarios.split(",")
+        Scenario(
+            k, args.budget, args.window, configured(k, args.budget), args.windows, skew_s, latency_s
+        )
+        for k in keys
     ]
     if args.real_windows:
         out += [
-            Scenario(k, 1666, 10.0, configured(k, 1666), args.real_windows)
+            Scenario(k, 1666, 10.0, configured(k, 1666), args.real_windows, skew_s, latency_s)
             for k in ("a", "b")
-            if k in args.scenarios.split(",")
+            if k in keys
         ]
     return out
 
@@ -639,6 +679,18 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=5,
         help="also run (a) and (b) at 1666 per 10 s for this many windows; 0: not",
+    )
+    p.add_argument(
+        "--skew-ms",
+        type=float,
+        default=0.0,
+        help="the fake Intercom's clock runs this far behind the daemon's (negative: ahead)",
+    )
+    p.add_argument(
+        "--latency-ms",
+        type=float,
+        default=0.0,
+        help="each POST /events waits this long in the fake before it is counted",
     )
     p.add_argument("--concurrency", type=int, default=32, help="workers.concurrency")
     p.add_argument("--no-memory", action="store_true", help="skip bench/memory.py")
