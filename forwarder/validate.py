@@ -99,6 +99,13 @@ def error_body(problems: Sequence[Problem]) -> bytes:
     return orjson.dumps({"type": "error.list", "errors": [p.as_error() for p in problems]})
 
 
+def _exact(body: bytes) -> bytes:
+    """An exact-size copy of an orjson result. orjson's bytes sit in a ~4 KB allocation
+    (its write buffer, shrunk in place), so a queue of 100,000 bodies held ~400 MB of
+    resident memory instead of ~35 MB; the copy costs ~100 ns (bench/memory.py --rss)."""
+    return bytes(memoryview(body))
+
+
 # --- dedup key -----------------------------------------------------------------------
 
 _key_prefixes: dict[str, blake2b] = {}
@@ -231,7 +238,7 @@ def _string_identity(value: object, field: str, problems: list[Problem]) -> str 
 
 
 def _unknown(obj: dict, known: frozenset[str], prefix: str = "") -> tuple[str, ...]:
-    if known.issuperset(obj):
+    if obj.keys() <= known:  # a set view: no temporary set, unlike issuperset(dict)
         return ()
     return tuple(prefix + k for k in obj if k not in known)
 
@@ -416,7 +423,7 @@ def validate_event(
     return Normalised(
         # positional: keyword arguments cost ~150 ns more per event
         Event(
-            orjson.dumps(out),
+            _exact(orjson.dumps(out)),
             event_key(workspace_id, kind, identity, name, created_at),
             _EVENTS,
             0,
@@ -497,7 +504,7 @@ def validate_summaries(obj: object, *, received_at: float) -> Normalised | list[
         return problems
     return Normalised(
         Event(
-            body=orjson.dumps({"user_id": user_id, "event_summaries": out_summary}),
+            body=_exact(orjson.dumps({"user_id": user_id, "event_summaries": out_summary})),
             key=b"",
             route=Route.SUMMARIES,
             first_received_at=received_at,
