@@ -17,7 +17,7 @@ class Route(str, enum.Enum):
     SUMMARIES = "/events/summaries"
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(slots=True)
 class Event:
     """One accepted write, waiting to be forwarded.
 

@@ -12,6 +12,11 @@ never a task per event and no task outlives the take() that made it. Something t
 arrives sooner (offer, requeue_front, an earlier retry_later) wakes a parked take() at
 once.
 
+Storage: queued events are kept as tuples of bytes, ints and floats, not Event objects.
+CPython stops tracking such tuples in its cycle collector, so a full collection no
+longer walks every queued event: with ~340,000 queued Events those walks took 75-185 ms
+(the intake's p99) and ~10% of the CPU. An Event is rebuilt (~0.3 us) when taken.
+
 Cancellation: an event leaves the queue only in the synchronous step that returns it, so
 a cancelled take() never holds one. A take() cancelled after being woken passes the
 wake-up (and the timekeeper role) on, so no event is left sitting with everyone asleep.
@@ -27,7 +32,21 @@ from collections import deque
 from collections.abc import Iterable
 
 from forwarder.clock import Clock
-from forwarder.event import Event
+from forwarder.event import Event, Route
+
+_ROUTES = tuple(Route)
+_ROUTE_INDEX = {route: i for i, route in enumerate(_ROUTES)}
+
+# (body, key, route index, attempts, first_received_at, due): untracked by the collector.
+Packed = tuple[bytes, bytes, int, int, float, float]
+
+
+def _pack(e: Event) -> Packed:
+    return (e.body, e.key, _ROUTE_INDEX[e.route], e.attempts, e.first_received_at, e.due)
+
+
+def _unpack(p: Packed) -> Event:
+    return Event(p[0], p[1], _ROUTES[p[2]], p[3], p[4], p[5])
 
 
 class EventQueue:
@@ -38,8 +57,8 @@ class EventQueue:
             raise ValueError("max_events must be positive")
         self._max_events = max_events
         self._clock = clock
-        self._ready: deque[Event] = deque()
-        self._delayed: list[tuple[float, int, Event]] = []  # (due, seq, event): FIFO per due
+        self._ready: deque[Packed] = deque()
+        self._delayed: list[tuple[float, int, Packed]] = []  # (due, seq, event): FIFO per due
         self._seq = itertools.count()
         self._getters: deque[asyncio.Future[None]] = deque()  # parked take() calls
         self._timekeeper: asyncio.Future[None] | None = None
@@ -62,7 +81,7 @@ class EventQueue:
         """Queue a newly accepted event; False (and nothing queued) when full."""
         if len(self._ready) + len(self._delayed) >= self._max_events:
             return False
-        self._ready.append(event)
+        self._ready.append(_pack(event))
         if self._getters:
             self._wake_one()
         return True
@@ -72,7 +91,7 @@ class EventQueue:
         before = len(self._ready)
         for event in events:
             event.due = 0.0
-            self._ready.append(event)
+            self._ready.append(_pack(event))
         for _ in range(len(self._ready) - before):
             if not self._getters:
                 break
@@ -82,7 +101,7 @@ class EventQueue:
         """Hold an accepted event until delay_s from now; always succeeds."""
         due = self._clock.monotonic() + max(0.0, delay_s)
         event.due = due
-        heapq.heappush(self._delayed, (due, next(self._seq), event))
+        heapq.heappush(self._delayed, (due, next(self._seq), _pack(event)))
         if due < self._timer_due:
             keeper = self._timekeeper
             if keeper is not None:
@@ -94,7 +113,7 @@ class EventQueue:
 
     def requeue_front(self, event: Event) -> None:
         """Put an event back at the head of the ready queue (a 429 or an auth pause)."""
-        self._ready.appendleft(event)
+        self._ready.appendleft(_pack(event))
         if self._getters:
             self._wake_one()
 
@@ -104,7 +123,7 @@ class EventQueue:
             if self._delayed:
                 self._promote_due()
             if self._ready:
-                event = self._ready.popleft()
+                event = _unpack(self._ready.popleft())
                 if self._getters:
                     self._kick()  # pass the baton: more ready, or the timer to hold
                 return event
@@ -112,11 +131,11 @@ class EventQueue:
 
     def take_all(self) -> list[Event]:
         """Remove and return every event: ready ones in order, then retries by due time."""
-        events = list(self._ready)
+        events = [_unpack(p) for p in self._ready]
         self._ready.clear()
         delayed = sorted(self._delayed)
         self._delayed.clear()
-        events.extend(event for _, _, event in delayed)
+        events.extend(_unpack(packed) for _, _, packed in delayed)
         return events
 
     def _promote_due(self) -> None:
