@@ -27,6 +27,14 @@ set wrong, or shared with another client); (c) the real budget 50% above the con
 (200 per 2 s by default) keeps a run short; `--real-windows N` also runs (a) and (b) at
 Intercom's real shape (1666 per 10 s) for N windows.
 
+Also per scenario: the daemon's kernel share of that CPU time and its event-loop
+wake-ups per event (voluntary context switches, /proc/PID/status), which tell a burst
+(many sends per loop turn) from paced sends (a turn or two per event).
+
+Robustness (not the targets): --skew-ms runs the fake's clock behind the daemon's,
+--latency-ms delays each request in the fake before it is counted. A run with either
+writes its own section (forwarding-skew) with every window listed.
+
 The fake answers in this process (pinned to CPU 1) and the daemon runs alone on CPU 0,
 as in bench/run_intake.py. Per-request records (arrival time, window, status) go to
 bench/results-forwarding.json (git-ignored); the table goes to the marked forwarding
@@ -66,6 +74,8 @@ from forwarder.fake_intercom import FakeIntercom
 RESULTS_MD = BENCH / "RESULTS.md"
 RESULTS_JSON = BENCH / "results-forwarding.json"
 MARKERS = ("<!-- forwarding:start -->", "<!-- forwarding:end -->")
+# runs with --skew-ms / --latency-ms: robustness, not the targets, so a section of their own
+SKEW_MARKERS = ("<!-- forwarding-skew:start -->", "<!-- forwarding-skew:end -->")
 TOKEN = "bench-token"
 DAEMON_CPU, HARNESS_CPU = "0", "1"
 BATCH = 500
@@ -96,8 +106,23 @@ def tail(path: Path, lines: int = 20) -> str:
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of one process, from /proc/PID/stat."""
+    return sum(cpu_times(pid))
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of one process, from /proc/PID/stat."""
     fields_ = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields_[11]) + int(fields_[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields_[11]) / tick, int(fields_[12]) / tick
+
+
+def wakeups(pid: int) -> int:
+    """Voluntary context switches of a process: each is a sleep in epoll_wait (or another
+    blocking call) that something then woke, so their count is the event loop's wake-ups."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("voluntary_ctxt_switches:"):
+            return int(line.split()[1])
+    return 0
 
 
 def core_times(cpu: str) -> tuple[float, float]:
@@ -342,6 +367,8 @@ class Outcome:
     cpu_s: float
     cpu_us_per_event: float
     cpu_us_per_request: float
+    sys_share: float  # of the daemon's CPU time, the share spent in the kernel
+    wakeups_per_event: float  # voluntary context switches (event-loop wake-ups) per event
     others_on_daemon_core: float  # share of CPU 0 used by other processes while measured
     ran_dry: bool
     rate_limited_offsets_s: list[float]  # where in its window each 429 arrived
@@ -405,9 +432,11 @@ async def run_scenario(sc: Scenario, args: argparse.Namespace, workdir: Path, ru
             first = math.floor(t1 / W) + 1
             last = first + sc.windows - 1
             await sleep_until_wall(first * W, wall)
-            cpu0, core0 = cpu_seconds(daemon.pid), core_times(DAEMON_CPU)
+            cpu0, core0 = cpu_times(daemon.pid), core_times(DAEMON_CPU)
+            wake0 = wakeups(daemon.pid)
             await sleep_until_wall((last + 1) * W, wall)
-            cpu1, core1 = cpu_seconds(daemon.pid), core_times(DAEMON_CPU)
+            cpu1, core1 = cpu_times(daemon.pid), core_times(DAEMON_CPU)
+            wake1 = wakeups(daemon.pid)
             metrics = await scrape(session, port)
         finally:
             daemon.kill()  # no drain: what is left does not matter here
@@ -424,7 +453,8 @@ async def run_scenario(sc: Scenario, args: argparse.Namespace, workdir: Path, ru
     rl = sum(r["rate_limited"] for r in measured)
     utils = [r["ok"] / sc.budget for r in measured]
     delivered_by_end = sum(r["ok"] for i, r in rows.items() if i <= last)
-    cpu = cpu1 - cpu0
+    cpu = sum(cpu1) - sum(cpu0)
+    sys_s = cpu1[1] - cpu0[1]
     busy = (core1[0] - core0[0]) - cpu
     total = core1[1] - core0[1]
     return Outcome(
@@ -444,6 +474,8 @@ async def run_scenario(sc: Scenario, args: argparse.Namespace, workdir: Path, ru
         cpu_s=cpu,
         cpu_us_per_event=cpu / ok * 1e6 if ok else math.nan,
         cpu_us_per_request=cpu / (ok + rl) * 1e6 if ok + rl else math.nan,
+        sys_share=sys_s / cpu if cpu else math.nan,
+        wakeups_per_event=(wake1 - wake0) / ok if ok else math.nan,
         others_on_daemon_core=max(0.0, busy / total) if total else 0.0,
         ran_dry=delivered_by_end >= accepted,
         rate_limited_offsets_s=[
@@ -515,10 +547,9 @@ def table(outcomes: list[Outcome]) -> str:
     lines = [
         (
             "| scenario | configured | windows | utilisation (min–max) | 429s / requests, "
-            "measured | 429s / requests, whole run | daemon CPU µs/event | µs/request "
-            "| others on the daemon's core | target | |"
+            "measured | 429s / requests, whole run | target | |"
         ),
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
     ]
     for o in outcomes:
         sc = o.scenario
@@ -529,8 +560,24 @@ def table(outcomes: list[Outcome]) -> str:
             f"({pct(o.rate_limited_measured, o.requests_measured)}) "
             f"| {o.rate_limited_total} / {o.requests_total} "
             f"({pct(o.rate_limited_total, o.requests_total)}) "
-            f"| {o.cpu_us_per_event:.0f} | {o.cpu_us_per_request:.0f} "
-            f"| {o.others_on_daemon_core:.2f} | {target_text(sc['key'])} | {verdict(o)} |"
+            f"| {target_text(sc['key'])} | {verdict(o)} |"
+        )
+    return "\n".join(lines)
+
+
+def cpu_table(outcomes: list[Outcome]) -> str:
+    lines = [
+        (
+            "| scenario | daemon CPU µs/event | µs/request | of it in the kernel "
+            "| event-loop wake-ups/event | others on the daemon's core |"
+        ),
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for o in outcomes:
+        lines.append(
+            f"| {o.scenario['label']} | {o.cpu_us_per_event:.0f} | {o.cpu_us_per_request:.0f} "
+            f"| {o.sys_share:.0%} | {o.wakeups_per_event:.2f} "
+            f"| {o.others_on_daemon_core:.2f} |"
         )
     return "\n".join(lines)
 
@@ -565,11 +612,22 @@ def run_memory() -> tuple[str, int]:
     return (r.stdout + r.stderr).strip(), r.returncode
 
 
-def render(outcomes: list[Outcome], m: dict, command: str, memory: tuple[str, int] | None) -> str:
-    start, end = MARKERS
+def render(
+    outcomes: list[Outcome],
+    m: dict,
+    command: str,
+    memory: tuple[str, int] | None,
+    skewed: bool = False,
+) -> str:
+    start, end = SKEW_MARKERS if skewed else MARKERS
+    title = (
+        "## Forwarding when Intercom's clock is not the daemon's (robustness, not a target)"
+        if skewed
+        else "## Forwarding"
+    )
     parts = [
         start,
-        "## Forwarding",
+        title,
         "",
         (
             f"Measured {m['date']} on {m['nproc']} cores ({m['cpu']}), Python {m['python']}, "
@@ -591,7 +649,26 @@ def render(outcomes: list[Outcome], m: dict, command: str, memory: tuple[str, in
         "",
         table(outcomes),
         "",
+        (
+            "Daemon CPU over the same windows (wake-ups: the daemon's voluntary context "
+            "switches, i.e. returns from a blocking epoll_wait):"
+        ),
+        "",
+        cpu_table(outcomes),
+        "",
     ]
+    if skewed:
+        parts += [
+            (
+                "Every window (offsets from the first measured one; 2xx, 429s, and when in the "
+                "window the first and the last 2xx arrived, in seconds):"
+            ),
+            "",
+            "```text",
+            *(window_table(o) for o in outcomes),
+            "```",
+            "",
+        ]
     dry = [o.scenario["label"] for o in outcomes if o.ran_dry]
     if dry:
         parts += [
@@ -723,7 +800,8 @@ def main() -> int:
     m = machine()
     outcomes = asyncio.run(amain(args))
     memory = None if args.no_memory else run_memory()
-    section = render(outcomes, m, command_line(args), memory)
+    skewed = bool(args.skew_ms or args.latency_ms)
+    section = render(outcomes, m, command_line(args), memory, skewed)
     print(section)
     RESULTS_JSON.write_text(
         json.dumps(
@@ -732,7 +810,7 @@ def main() -> int:
         )
     )
     if not args.no_write:
-        write_section(section)
+        write_section(section, SKEW_MARKERS if skewed else MARKERS)
     return 0
 
 

@@ -1,13 +1,13 @@
 """Shutdown benchmark: SIGTERM with 10,000 events queued and Intercom unreachable.
 
-    .venv/bin/python bench/shutdown.py                      # ~1.5 minutes, writes RESULTS.md
-    .venv/bin/python bench/shutdown.py --upstream silent    # Intercom accepts, never answers
-    .venv/bin/python bench/shutdown.py --no-write
+    .venv/bin/python bench/shutdown.py                      # ~2 minutes, writes RESULTS.md
+    .venv/bin/python bench/shutdown.py --upstream silent    # only: accepts, never answers
+    .venv/bin/python bench/shutdown.py --repeat 10 --skip-restart   # exit times only
 
 Target: the daemon exits within shutdown.drain_seconds + 1 s, all 10,000 events are in
 the spool, and all are delivered after a restart.
 
-Steps:
+Steps, --repeat times for each --upstream kind (closed, silent), each on a fresh state_dir:
   1. `intercom-forwarder serve` (subprocess, CPU 0) with intercom.base_url at 127.0.0.1:
      a closed port (`--upstream closed`: every send is refused at once and retried with
      backoff) or a socket that accepts and never answers (`--upstream silent`: sends hang
@@ -17,6 +17,7 @@ Steps:
   3. SIGTERM; time from the signal to the process's exit, and its exit code.
   4. Count the lines of state_dir/spool.jsonl (and dead-letter.jsonl: must be empty) and
      the spool's bytes per event; check that the spool holds exactly the posted user_ids.
+  Then, on the last state_dir:
   5. Start a FakeIntercom (budget --budget per --window s; the daemon's rate_limit is set
      to the same) and the daemon again on the same state_dir; time from the start until
      the fake has all 10,000 (unique user_ids), beside the least time the budget allows.
@@ -375,8 +376,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--repeat",
         type=int,
-        default=1,
-        help="stop phases to run (exit time over all); the last one is restarted",
+        default=3,
+        help="stop phases per upstream kind (exit time over all); the last one is restarted",
     )
     p.add_argument(
         "--skip-restart",
