@@ -149,3 +149,18 @@ def test_add_if_absent_then_forget_leaves_the_key_admissible(clock):
     window.forget(key(2))
     assert len(window) == 0
     assert window.add_if_absent(key(2)) is True
+
+
+def test_a_full_window_is_invisible_to_the_cycle_collector(clock):
+    """A full GC must not walk every remembered key (with 1e6 keys it set the intake's p99)."""
+    import gc
+
+    window = DedupWindow(window_seconds=600, max_keys=10_000, clock=clock)
+    for n in range(5_000):
+        window.add(key(n))
+        if n % 500 == 0:
+            clock.advance(20)  # spread the keys over several generations
+    gc.collect()
+    big_tracked_dicts = [o for o in gc.get_objects() if isinstance(o, dict) and len(o) >= 5_000]
+    assert big_tracked_dicts == []
+    assert window.contains(key(4_999))
