@@ -586,7 +586,10 @@ def window_table(o: Outcome) -> str:
     """Every window of one run: where in the window the budget went, and the 429s."""
     sc = o.scenario
     lines = [f"{sc['label']}: window, 2xx, 429, first 2xx at, last 2xx at (s into window)"]
-    for r in o.per_window:
+    rows = {r["window"]: r for r in o.per_window}
+    empty = {"ok": 0, "rate_limited": 0, "first_ok_s": None, "last_ok_s": None}
+    for i in range(min(rows), max(rows) + 1):  # a window with no answer at all is listed too
+        r = rows.get(i, {"window": i, **empty})
         tag = (
             "measured"
             if o.first_window <= r["window"] < o.first_window + sc["windows"]
