@@ -21,7 +21,9 @@ How the header budget is kept (all times monotonic, from the injected Clock):
 - Remaining 0 holds everyone until window_ends. A 429 holds until its Reset when that is
   still ahead, else for Retry-After, else for a backoff of 1 s doubling up to per_seconds
   (reset by the next non-429 answer). A Reset already in the past (our wall clock ahead of
-  Intercom's) therefore falls back to a backoff instead of a tight loop of 429s.
+  Intercom's) therefore falls back to a backoff instead of a tight loop of 429s. A 429
+  that arrives while a hold is on answers a request sent before the hold began, so it
+  neither extends nor doubles it: a burst of 32 such 429s holds for one backoff, not 32.
 - Priority acquires (a person waiting on GET /events) pass the header gate ahead of
   waiting normal ones; both wait in the local limiter in arrival order.
 """
@@ -164,6 +166,11 @@ class RateGate:
             until = now + reset_in
         elif retry_after_s is not None and retry_after_s > 0:
             until = now + retry_after_s
+        elif now < self._hold_until:
+            # Nobody starts while held, so this answers a request sent before the hold began
+            # (one of a burst): the hold already covers it, and doubling once per answer
+            # would turn a burst of 32 into a hold of a whole window.
+            return
         else:
             until = now + self._backoff_s
             self._backoff_s = min(self._backoff_s * 2, self._per_seconds)

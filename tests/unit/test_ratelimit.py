@@ -245,6 +245,21 @@ async def test_429_with_a_reset_already_past_backs_off_instead_of_looping(clock)
     assert gate.held_until == MONO + 1
 
 
+async def test_a_burst_of_429s_with_a_reset_already_past_holds_for_the_first_backoff_only(clock):
+    """Steps: 32 requests in flight, all answered 429 with a Reset already past and no
+    Retry-After. Expect: held 1 s (the first backoff), not doubled once per answer (which
+    would hold a whole window); the next 429 after the hold doubles it once, to 2 s."""
+    gate = make_gate(clock)
+    await acquire_now(gate, 32)
+    for _ in range(32):
+        gate.release(429, rate(0, reset_at=WALL - 2))
+    assert gate.in_flight == 0 and gate.held_until == MONO + 1
+    clock.advance(1)
+    await acquire_now(gate)
+    gate.release(429, rate(0, reset_at=WALL - 2))
+    assert gate.held_until == MONO + 1 + 2
+
+
 async def test_hold_for_holds_every_worker_including_priority(clock):
     gate = make_gate(clock)
     gate.hold_for(5)
