@@ -18,12 +18,23 @@ How the header budget is kept (all times monotonic, from the injected Clock):
 - Once window_ends passes, the next window is assumed to hold Limit (the last
   X-RateLimit-Limit seen; unknown if never seen) until an answer says otherwise; an
   assumed window lasts per_seconds, so a budget used up by errors alone still refills.
+- An assumed window is confirmed by one request before the burst: while it is assumed and
+  anything is in flight, nobody else starts (priority acquires neither). If Intercom's
+  clock is behind ours, a burst at our rollover would all be 429s; this way one is. The
+  wait ends with an answer carrying a later Reset (the new window, learnt as above), or a
+  non-429 answer without usable headers (nothing will confirm it: a proxy dropped them).
+  Answers with the old Reset (requests sent before the rollover) or network errors keep
+  it one at a time. (This deviates from "every waiter goes at the reset": it costs one
+  round trip per window, against up to 32 429s and a held window under clock skew.)
 - Remaining 0 holds everyone until window_ends. A 429 holds until its Reset when that is
-  still ahead, else for Retry-After, else for a backoff of 1 s doubling up to per_seconds
-  (reset by the next non-429 answer). A Reset already in the past (our wall clock ahead of
-  Intercom's) therefore falls back to a backoff instead of a tight loop of 429s. A 429
-  that arrives while a hold is on answers a request sent before the hold began, so it
-  neither extends nor doubles it: a burst of 32 such 429s holds for one backoff, not 32.
+  still ahead, else for Retry-After. Otherwise, a 429 arriving while a hold is on answers
+  a request sent before the hold began, so it neither extends nor doubles it (a burst of
+  32 such 429s holds for one backoff, not 32 doublings). A 429 whose Reset is the window
+  we have just rolled past means Intercom's clock is behind ours and has not reset yet:
+  hold 50 ms, doubling up to per_seconds, then confirm again with one request. Any other
+  429 (e.g. a Reset already past when first seen: our wall clock ahead of Intercom's)
+  holds for a backoff of 1 s doubling up to per_seconds, instead of a tight loop of 429s.
+  Both backoffs are reset by the next non-429 answer.
 - Priority acquires (a person waiting on GET /events) pass the header gate ahead of
   waiting normal ones; both wait in the local limiter in arrival order.
 """
@@ -42,6 +53,7 @@ if TYPE_CHECKING:
 
 TOO_MANY_REQUESTS = 429
 FIRST_BACKOFF_S = 1.0
+BEHIND_BACKOFF_S = 0.05  # first hold when Intercom's clock is behind ours (see _on_429)
 
 
 class LocalLimiter(Protocol):
@@ -75,6 +87,10 @@ class RateGate:
         self._window_assumed = False  # True after a rollover until an answer confirms it
         self._hold_until = -math.inf
         self._backoff_s = min(FIRST_BACKOFF_S, per_seconds)
+        # After a rollover: one request at a time until an answer confirms the new window.
+        self._confirming = False
+        self._passed_reset_at: float | None = None  # Reset of the live window rolled past
+        self._behind_backoff_s = min(BEHIND_BACKOFF_S, per_seconds)
         self._waiters: list[asyncio.Future[None]] = []
         self._priority_waiting = 0
 
@@ -129,12 +145,18 @@ class RateGate:
             self._limit = rate.limit
         if rate is not None and rate.remaining is not None and rate.reset_at is not None:
             self._learn(rate.remaining, rate.reset_at, now)
-        elif self._remaining is not None:
-            self._remaining = max(0, self._remaining - 1)
+        else:
+            if self._remaining is not None:
+                self._remaining = max(0, self._remaining - 1)
+            if status is not None and status != TOO_MANY_REQUESTS:
+                # Intercom answered but the headers did not come through (a proxy): no answer
+                # will confirm this window, so stop sending one at a time.
+                self._confirming = False
         if status == TOO_MANY_REQUESTS:
             self._on_429(rate, retry_after_s, now)
         elif status is not None:
             self._backoff_s = min(FIRST_BACKOFF_S, self._per_seconds)
+            self._behind_backoff_s = min(BEHIND_BACKOFF_S, self._per_seconds)
         self._wake()
 
     def hold_for(self, seconds: float) -> None:
@@ -155,7 +177,9 @@ class RateGate:
             self._remaining = remaining
             self._window_ends = now + self._reset_in(reset_at)
             self._window_assumed = False
+            self._confirming = False
             self._roll(now)  # a reset already past (clock skew) is no knowledge at all
+            self._passed_reset_at = None  # never live here, so no evidence of Intercom's clock
         elif reset_at == self._window_reset_at and not self._window_assumed:
             current = self._remaining if self._remaining is not None else remaining
             self._remaining = min(current, remaining)
@@ -171,6 +195,13 @@ class RateGate:
             # (one of a burst): the hold already covers it, and doubling once per answer
             # would turn a burst of 32 into a hold of a whole window.
             return
+        elif rate is not None and rate.reset_at is not None and (
+            rate.reset_at == self._passed_reset_at
+        ):
+            # Intercom still counts the window we have just rolled past: its clock is behind
+            # ours, by a little as a rule, so hold briefly and try again with one request.
+            until = now + self._behind_backoff_s
+            self._behind_backoff_s = min(self._behind_backoff_s * 2, self._per_seconds)
         else:
             until = now + self._backoff_s
             self._backoff_s = min(self._backoff_s * 2, self._per_seconds)
@@ -181,6 +212,8 @@ class RateGate:
         if self._window_ends is None or now < self._window_ends:
             return
         self._window_assumed = True
+        self._confirming = True
+        self._passed_reset_at = self._window_reset_at
         self._remaining = self._limit
         if self._limit is None:
             self._window_ends = None
@@ -195,6 +228,8 @@ class RateGate:
         self._roll(now)
         if now < self._hold_until:
             return self._hold_until - now
+        if self._confirming and self._in_flight > 0:
+            return math.inf  # the answer in flight confirms the window (or not): wait for it
         if self._remaining is not None and self._remaining - self._in_flight <= 0:
             assert self._window_ends is not None
             return self._window_ends - now

@@ -81,6 +81,8 @@ async def test_requests_go_at_once_while_intercoms_budget_is_unknown(clock):
 
 
 async def test_remaining_zero_holds_every_worker_until_reset(clock):
+    """Steps: Remaining 0, reset 7 s ahead; 3 wait. Expect: nobody before the reset; at the
+    reset one goes, and the other two once its answer confirms the new window."""
     gate = make_gate(clock)
     await acquire_now(gate)
     gate.release(202, rate(0))
@@ -90,21 +92,56 @@ async def test_remaining_zero_holds_every_worker_until_reset(clock):
     await clock.advance_and_settle(6.99)
     assert not any(t.done() for t in waiting)
     await clock.advance_and_settle(0.01)
+    assert [t.done() for t in waiting].count(True) == 1 and gate.in_flight == 1
+    gate.release(202, rate(99, reset_at=RESET + 10))
     assert [await asyncio.wait_for(t, 1) for t in waiting] == pytest.approx([7.0] * 3)
-    assert gate.in_flight == 3 and gate.held_until is None
+    assert gate.in_flight == 2 and gate.held_until is None
 
 
 async def test_after_reset_the_new_window_holds_limit(clock):
-    """Steps: Limit 2, Remaining 0; the reset passes. Expect: two go, the third waits."""
+    """Steps: Limit 2, Remaining 0; the reset passes; one request goes and its answer is
+    lost (a network error, so the window stays unconfirmed). Expect: one more goes (Limit 2,
+    less the one Intercom may have counted), the third waits."""
     gate = make_gate(clock)
     await acquire_now(gate)
     gate.release(202, rate(0, limit=2))
     clock.advance(7)
-    await acquire_now(gate, 2)
+    await acquire_now(gate)
+    gate.release(None, None)
+    await acquire_now(gate)
     third = start(gate)
     await settle()
     assert not third.done()
     third.cancel()
+
+
+async def test_after_a_rollover_one_request_goes_until_its_answer_confirms_the_window(clock):
+    """Steps: Remaining 0, the reset passes; one request goes, a second and a priority one
+    wait. The answer says Remaining 98 in the window ending 10 s later. Expect: nothing
+    else starts before that answer; then the rest go at once."""
+    gate = make_gate(clock)
+    await acquire_now(gate)
+    gate.release(202, rate(0))
+    clock.advance(7)
+    await acquire_now(gate)
+    second, urgent = start(gate), start(gate, priority=True)
+    await settle()
+    assert not second.done() and not urgent.done()
+    gate.release(202, rate(98, reset_at=RESET + 10))
+    await asyncio.wait_for(asyncio.gather(second, urgent), 1)
+    await acquire_now(gate, 40)
+    assert gate.in_flight == 42
+
+
+async def test_a_2xx_without_rate_headers_after_a_rollover_ends_one_at_a_time(clock):
+    """A proxy that drops the headers must not leave the gate one request at a time."""
+    gate = make_gate(clock)
+    await acquire_now(gate)
+    gate.release(202, rate(0))
+    clock.advance(7)
+    await acquire_now(gate)
+    gate.release(202, None)
+    await acquire_now(gate, 40)
 
 
 async def test_in_flight_requests_count_against_remaining(clock):
@@ -258,6 +295,34 @@ async def test_a_burst_of_429s_with_a_reset_already_past_holds_for_the_first_bac
     await acquire_now(gate)
     gate.release(429, rate(0, reset_at=WALL - 2))
     assert gate.held_until == MONO + 1 + 2
+
+
+async def test_a_429_for_the_window_just_passed_holds_50ms_doubling_until_a_non_429(clock):
+    """Intercom's clock 50+ ms behind ours. Steps: Remaining 0, the reset passes; the one
+    request sent answers 429 with the Reset just passed, twice; then a 202 in the new
+    window; at the next rollover the same again. Expect: holds of 0.05 s, then 0.1 s (one
+    request each time), and 0.05 s again after the 202 reset the doubling."""
+    gate = make_gate(clock)
+    await acquire_now(gate)
+    gate.release(202, rate(0))
+    clock.advance(7)
+    holds = []
+    for _ in range(2):
+        await acquire_now(gate)
+        other = start(gate)
+        await settle()
+        assert not other.done()
+        other.cancel()
+        gate.release(429, rate(0, reset_at=RESET))
+        holds.append(gate.held_until - clock.monotonic())
+        clock.advance(holds[-1])
+    assert holds == pytest.approx([0.05, 0.1])
+    await acquire_now(gate)
+    gate.release(202, rate(0, reset_at=RESET + 10))
+    clock.advance(gate.held_until - clock.monotonic())
+    await acquire_now(gate)
+    gate.release(429, rate(0, reset_at=RESET + 10))
+    assert gate.held_until - clock.monotonic() == pytest.approx(0.05)
 
 
 async def test_hold_for_holds_every_worker_including_priority(clock):
