@@ -16,11 +16,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import aiohttp
+from yarl import URL
 
 import forwarder
 from forwarder.clock import Clock
 from forwarder.config import IntercomConfig, Secret
-from forwarder.event import Event
+from forwarder.event import Event, Route
 
 MAX_BODY_BYTES = 2048  # how much of Intercom's answer a Verdict keeps (dead-letter reason)
 
@@ -171,6 +172,8 @@ class UpstreamClient:
         user_agent: str | None = None,
     ):
         self._base_url = cfg.effective_base_url
+        # Parsed once: building a URL from a string on every send was a visible cost.
+        self._urls = {route: URL(self._base_url + route.value) for route in Route}
         self._api_version = cfg.api_version
         self._timeout_s = cfg.timeout_seconds
         self._token = token
@@ -201,6 +204,8 @@ class UpstreamClient:
             connector=aiohttp.TCPConnector(limit=self._pool_size, keepalive_timeout=30.0),
             timeout=aiohttp.ClientTimeout(total=self._timeout_s),
             headers=headers,
+            # Intercom's API needs no cookies; the jar would parse every Set-Cookie.
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
 
     async def close(self) -> None:
@@ -216,7 +221,7 @@ class UpstreamClient:
     async def send(self, event: Event) -> Verdict:
         """POST the event's bytes to its route. CancelledError propagates."""
         session = self._require_session()
-        url = self._base_url + event.route.value
+        url = self._urls[event.route]
         started = self._clock.monotonic()
         try:
             async with session.post(url, data=event.body) as resp:
