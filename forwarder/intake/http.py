@@ -122,24 +122,22 @@ class Intake:
     # -- routes -------------------------------------------------------------------------
 
     async def post_event(self, request: web.Request) -> web.StreamResponse:
-        if not self._readiness.accepting:
-            return _unavailable("the forwarder is shutting down")
-        body = await self._read(request)
-        if isinstance(body, web.Response):
-            return body
-        try:
-            obj = parse_json(body)
-            if isinstance(obj, Problem):
-                self._count_rejected.inc()
-                return _problems([obj])
-            result = validate_event(obj, received_at=self._clock.wall(),
-                                    workspace_id=self._workspace_id)
-            return self._answer_one(result)
-        except Exception:  # a bug, never the user's input: answer 500, keep serving
-            log.exception("intake.unexpected_error", route="/events")
-            return _error(500, "server_error", "unexpected error in the forwarder")
+        return await self._post_one(request, self._validate_event, 202)
 
     async def post_summaries(self, request: web.Request) -> web.StreamResponse:
+        # Intercom answers POST /events/summaries 200, and so do we.
+        return await self._post_one(request, self._validate_summaries, 200)
+
+    def _validate_event(self, obj: object) -> Normalised | list[Problem]:
+        return validate_event(obj, received_at=self._clock.wall(),
+                              workspace_id=self._workspace_id)
+
+    def _validate_summaries(self, obj: object) -> Normalised | list[Problem]:
+        return validate_summaries(obj, received_at=self._clock.wall())
+
+    async def _post_one(self, request: web.Request,
+                        validate: Callable[[object], Normalised | list[Problem]],
+                        ok_status: int) -> web.StreamResponse:
         if not self._readiness.accepting:
             return _unavailable("the forwarder is shutting down")
         body = await self._read(request)
@@ -150,10 +148,9 @@ class Intake:
             if isinstance(obj, Problem):
                 self._count_rejected.inc()
                 return _problems([obj])
-            result = validate_summaries(obj, received_at=self._clock.wall())
-            return self._answer_one(result, ok_status=200)
-        except Exception:
-            log.exception("intake.unexpected_error", route="/events/summaries")
+            return self._answer_one(validate(obj), ok_status)
+        except Exception:  # a bug, never the user's input: answer 500, keep serving
+            log.exception("intake.unexpected_error", route=request.path)
             return _error(500, "server_error", "unexpected error in the forwarder")
 
     async def post_batch(self, request: web.Request) -> web.StreamResponse:
