@@ -49,7 +49,7 @@ SECTION = ("<!-- intake-callgrind:start -->", "<!-- intake-callgrind:end -->")
 
 
 def callgrind_control(*args: str) -> str:
-    r = subprocess.run(["callgrind_control", *args], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(["callgrind_control", *args], check=False, capture_output=True, text=True, timeout=120)
     if r.returncode != 0:
         raise RuntimeError(f"callgrind_control {' '.join(args)}: {r.stderr}{r.stdout}")
     return r.stdout
@@ -62,7 +62,7 @@ def dumped_total(workdir: Path, pid: int, before: set[Path]) -> int:
         new = sorted(set(workdir.glob(f"callgrind.{pid}*")) - before)
         for f in new:
             text = f.read_text(errors="replace")
-            m = re.search(r"^(?:summary|totals):\s*(\d+)", text, re.M)
+            m = re.search(r"^(?:summary|totals):\s*(\d+)", text, re.MULTILINE)
             if m:
                 return int(m.group(1))
         time.sleep(0.2)
@@ -190,13 +190,13 @@ def render(results: dict[str, dict], args, machine: dict, commands: dict) -> str
         SECTION[0],
         "## Intake, instructions per event (callgrind)",
         "",
-        f"Measured {machine['date']} on {machine['nproc']} cores ({machine['cpu']}), "
+        (f"Measured {machine['date']} on {machine['nproc']} cores ({machine['cpu']}), "
         f"Python {machine['python']}, aiohttp {machine['aiohttp']}, orjson {machine['orjson']}, "
         f"uvloop {machine['uvloop']}, "
         f"commit {machine['commit']}. Under callgrind: {args.requests} single events and "
         f"{args.batches} batches of {args.batch}, each after a fifth as many to warm up, "
         f"over {args.connections} keep-alive connections. The daemon's forwarding is off "
-        "(intake path only); see bench/callgrind_intake.py.",
+        "(intake path only); see bench/callgrind_intake.py."),
         "",
         "Reproduce: `.venv/bin/python bench/callgrind_intake.py`",
         "",

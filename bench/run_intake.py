@@ -173,7 +173,7 @@ def core_times(cpu: str) -> tuple[float, float, float]:
     for line in Path("/proc/stat").read_text().splitlines():
         if line.startswith(f"cpu{cpu} "):
             v = [int(x) / os.sysconf("SC_CLK_TCK") for x in line.split()[1:9]]
-            user, nice, system, idle, iowait, irq, softirq, steal = v
+            user, nice, system, _idle, _iowait, irq, softirq, steal = v
             return user + nice + system + irq + softirq, steal, sum(v)
     raise RuntimeError(f"no cpu{cpu} in /proc/stat")
 
@@ -213,7 +213,7 @@ def uvloop_available(python: str) -> str | None:
     r = subprocess.run(
         [python, "-c", "import uvloop; print(uvloop.__version__)"],
         env=python_env("uvloop"),
-        capture_output=True,
+        check=False, capture_output=True,
         text=True,
     )
     return r.stdout.strip() if r.returncode == 0 else None
@@ -512,7 +512,7 @@ def scrape_counts(port: int) -> dict[str, float]:
         return {}
     counts = {}
     for m in re.finditer(
-        r'^intercom_forwarder_events_received_total\{outcome="(\w+)"\} (\S+)$', text, re.M
+        r'^intercom_forwarder_events_received_total\{outcome="(\w+)"\} (\S+)$', text, re.MULTILINE
     ):
         counts[m.group(1)] = float(m.group(2))
     return counts
@@ -522,7 +522,7 @@ def machine(python: str, uvloop_version: str | None) -> dict:
     def out(cmd: list[str]) -> str:
         try:
             return subprocess.run(
-                cmd, capture_output=True, text=True, env=python_env("uvloop"), cwd=ROOT
+                cmd, check=False, capture_output=True, text=True, env=python_env("uvloop"), cwd=ROOT
             ).stdout.strip()
         except OSError:
             return "?"
@@ -531,8 +531,8 @@ def machine(python: str, uvloop_version: str | None) -> dict:
         [
             python,
             "-c",
-            "import sys, aiohttp, orjson; "
-            "print(sys.version.split()[0], aiohttp.__version__, orjson.__version__)",
+            ("import sys, aiohttp, orjson; "
+            "print(sys.version.split()[0], aiohttp.__version__, orjson.__version__)"),
         ]
     )
     py, aiohttp_v, orjson_v = (versions.split() + ["?"] * 3)[:3]
@@ -613,7 +613,7 @@ def run(args: argparse.Namespace) -> Run:
                 order = targets if r % 2 == 0 else targets[::-1]
                 for t in order:
                     quiet = wait_quiet(args.wait_quiet)
-                    with servers.running(t) as (port, proc, log):
+                    with servers.running(t) as (port, proc, _log):
                         if t.kind == "daemon":  # the bare handler cannot get it wrong
                             check_target(wrk, port, t.label)
                             if args.forwarding == "on":
@@ -778,15 +778,15 @@ def render(result: Run) -> str:
             lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
     lines += [
         "",
-        "CPU while measured, as a share of one core (medians): the server should be near 1.0 "
+        ("CPU while measured, as a share of one core (medians): the server should be near 1.0 "
         "(it is the bottleneck) and wrk well below; other processes and the hypervisor "
         "(steal) are this shared machine's noise. Work on wrk's core matters too: a starved "
         "wrk leaves the server idle. CPU µs/event moves less than rps when the server's "
         "core is taken, but it still moves (work on the sibling core slows the server's "
-        "own instructions); the callgrind section below is the figure noise cannot move.",
+        "own instructions); the callgrind section below is the figure noise cannot move."),
         "",
-        "| target | figure | server | wrk | others on the server's core | steal | others on "
-        "wrk's core |",
+        ("| target | figure | server | wrk | others on the server's core | steal | others on "
+        "wrk's core |"),
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for t in sorted({x["target"] for x in result.measures}):
@@ -799,8 +799,8 @@ def render(result: Run) -> str:
                 )
     lines += [
         "",
-        "Commands (PORT: a free port; OFFSET: where the run's event counter starts; "
-        "CONFIG.toml: generated, see `daemon_config` in bench/run_intake.py):",
+        ("Commands (PORT: a free port; OFFSET: where the run's event counter starts; "
+        "CONFIG.toml: generated, see `daemon_config` in bench/run_intake.py):"),
         "",
     ]
     lines += [f"- {k}: `{v}`" for k, v in result.commands.items()]
@@ -844,7 +844,7 @@ def write_section(
     """Replace our marked section in RESULTS.md, keeping every other bench's sections."""
     text = path.read_text() if path.exists() else "# Benchmark results\n\n"
     start, end = markers
-    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end) + r"\n?", re.S)
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end) + r"\n?", re.DOTALL)
     if pattern.search(text):
         text = pattern.sub(lambda _: section, text, count=1)
     else:

@@ -37,9 +37,9 @@ import orjson
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 
-from forwarder.config import load_config  # noqa: E402
-from forwarder.service import Service  # noqa: E402
-from forwarder.validate import event_key, parse_json, validate_event  # noqa: E402
+from forwarder.config import load_config
+from forwarder.service import Service
+from forwarder.validate import event_key, parse_json, validate_event
 
 SECTION = ("<!-- intake-stages:start -->", "<!-- intake-stages:end -->")
 
@@ -165,11 +165,11 @@ def render(rows: list[tuple[str, float]], args: argparse.Namespace) -> str:
     import subprocess
 
     commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=BENCH
+        ["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True, cwd=BENCH
     ).stdout.strip()
     dirty = subprocess.run(
         ["git", "status", "--porcelain", "--", "forwarder"],
-        capture_output=True,
+        check=False, capture_output=True,
         text=True,
         cwd=BENCH.parent,
     ).stdout.strip()

@@ -14,7 +14,7 @@ import uvloop
 
 uvloop.install()
 
-from forwarder.cli import main  # noqa: E402  (after install, on purpose)
+from forwarder.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())
