@@ -135,7 +135,9 @@ class Workers:
         log.info("service.drain_started", queued=len(self._queue), in_flight=self._in_flight,
                  drain_seconds=seconds)
         while True:
-            if len(self._queue) == 0 and self._in_flight == 0:
+            # A worker waiting on the rate gate holds an event that is in neither the
+            # queue nor in flight: drained means no worker holds one either.
+            if len(self._queue) == 0 and all(s is _State.IDLE for s in self._states):
                 return True
             remaining = deadline - self._clock.monotonic()
             if remaining <= 0 or self.paused or (abort is not None and abort.is_set()):
@@ -189,6 +191,7 @@ class Workers:
     async def _run(self, i: int) -> None:
         while not self._stopping:
             self._states[i] = _State.IDLE
+            self._changed.set()  # drain() waits for every worker to be empty-handed
             await self._running.wait()
             event = await self._queue.take()
             acquired = False

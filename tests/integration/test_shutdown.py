@@ -157,3 +157,32 @@ async def test_second_sigterm_skips_the_drain(tmp_path):
     stderr = b"".join(seen).decode() + (await proc.stderr.read()).decode()
     assert "service.force_stop_requested" in stderr
     assert TOKEN not in stderr
+
+
+async def test_drain_waits_for_an_event_a_worker_holds_at_the_rate_gate(make_service, clock):
+    """Steps: Intercom's budget is 1 a window; two events arrive; the second is held by the
+    worker, waiting on the gate for the reset; stop is asked with drain time to spare; the
+    reset comes. Expect: the held event is delivered during the drain, not spooled."""
+    fake = FakeIntercom(token=TOKEN, budget=1, window_seconds=10, clock=clock)
+    await fake.start()
+    try:
+        svc = await make_service(clock=clock, upstream_url=fake.url,
+                                 workers={"concurrency": 1}, shutdown={"drain_seconds": 30})
+        async with aiohttp.ClientSession() as s:
+            for i in range(2):
+                async with s.post(svc.url + "/events", data=orjson.dumps(event(i))) as r:
+                    assert r.status == 202
+        await fake.wait_for_delivered(1)
+        await wait_until(lambda: len(svc.queue) == 0)  # the worker has taken the second
+        stopping = asyncio.create_task(svc.stop())
+        await clock.wait_for_sleepers(3)  # stats, the gate's hold, the drain's tick
+        for _ in range(400):  # let the drain tick on the fake clock until the reset passes
+            clock.advance(0.05)
+            await asyncio.sleep(0)
+            if stopping.done():
+                break
+        await asyncio.wait_for(stopping, 5)
+        assert len(fake.delivered) == 2
+        assert spool_lines(Path(svc.config.storage.state_dir)) == []
+    finally:
+        await fake.stop()
