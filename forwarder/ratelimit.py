@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol
 
 from aiolimiter import AsyncLimiter
@@ -62,6 +63,45 @@ class LocalLimiter(Protocol):
     async def acquire(self) -> None: ...
 
 
+class Bucket(Protocol):
+    def has_capacity(self) -> bool: ...
+
+    async def acquire(self) -> None: ...
+
+
+PACING_TICK_S = 0.05
+
+
+class TickedLimiter:
+    """The local budget (aiolimiter's leaky bucket), entered on 50 ms ticks while it is
+    empty, so paced sends leave in small groups instead of one per drip.
+
+    Paced one at a time, every send wakes an idle event loop on its own: the same
+    UpstreamClient.send costs ~680 us of CPU after a 6 ms idle gap against ~190 us back
+    to back (measured here), and at 166 sends/s that was ~10% of a core. Waiting for the
+    next tick lets the permits that dripped in meanwhile go out together, one wake-up for
+    several sends. The budget is unchanged; a send waits at most one tick longer.
+
+    Times are the loop's (aiolimiter reads loop.time() itself); tests inject both.
+    """
+
+    def __init__(self, bucket: Bucket, tick_s: float = PACING_TICK_S, *,
+                 now: Callable[[], float] | None = None,
+                 sleep: Callable[[float], Awaitable[None]] | None = None):
+        self._bucket = bucket
+        self._tick_s = tick_s
+        self._now = now
+        self._sleep = sleep or asyncio.sleep
+
+    async def acquire(self) -> None:
+        bucket = self._bucket
+        while not bucket.has_capacity():
+            now = self._now() if self._now else asyncio.get_running_loop().time()
+            # Everyone waiting sleeps to the same boundary and wakes in one loop turn.
+            await self._sleep(math.floor(now / self._tick_s + 1) * self._tick_s - now)
+        await bucket.acquire()  # has capacity: returns without waiting
+
+
 class RateGate:
     """Lets a request start only within the local budget and Intercom's known budget;
     every acquire() must be paired with exactly one release()."""
@@ -77,7 +117,8 @@ class RateGate:
         self._clock = clock
         self._per_seconds = per_seconds
         self._limiter: LocalLimiter = (
-            limiter if limiter is not None else AsyncLimiter(requests, per_seconds)
+            limiter if limiter is not None
+            else TickedLimiter(AsyncLimiter(requests, per_seconds))
         )
         self._in_flight = 0
         self._limit: int | None = None  # last X-RateLimit-Limit seen

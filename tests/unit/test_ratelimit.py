@@ -487,3 +487,63 @@ async def test_budget_configured_right_uses_97_percent_with_no_429():
     used = full_windows(intercom, 6)
     assert intercom.rejected == 0
     assert sum(used) / (100 * 6) >= 0.97, used
+
+
+class FakeBucket:
+    """A leaky bucket on the FakeClock with aiolimiter's has_capacity()/acquire()."""
+
+    def __init__(self, clock: FakeClock, max_rate: int, period_s: float):
+        self._clock, self._max, self._rate = clock, max_rate, max_rate / period_s
+        self._level, self._last = 0.0, clock.monotonic()
+        self.granted: list[float] = []
+
+    def has_capacity(self) -> bool:
+        now = self._clock.monotonic()
+        self._level = max(0.0, self._level - (now - self._last) * self._rate)
+        self._last = now
+        return self._level + 1 <= self._max + 1e-9
+
+    async def acquire(self) -> None:
+        assert self.has_capacity(), "TickedLimiter must only enter a bucket with capacity"
+        self._level += 1
+        self.granted.append(self._clock.monotonic())
+
+
+async def test_ticked_limiter_lets_paced_sends_out_together_on_a_tick(clock):
+    """Steps: a 100/s bucket is emptied; 5 acquires wait. Expect: none before the next
+    50 ms boundary, all 5 at that one boundary (one wake-up, not one per 10 ms drip)."""
+    from forwarder.ratelimit import TickedLimiter
+
+    bucket = FakeBucket(clock, max_rate=10, period_s=0.1)
+    limiter = TickedLimiter(bucket, 0.05, now=clock.monotonic, sleep=clock.sleep)
+    for _ in range(10):
+        await limiter.acquire()
+    waiting = [asyncio.ensure_future(limiter.acquire()) for _ in range(5)]
+    await clock.wait_for_sleepers(5)
+    boundary = (int(clock.monotonic() / 0.05) + 1) * 0.05
+    await clock.advance_and_settle(boundary - clock.monotonic() - 0.001)
+    assert not any(w.done() for w in waiting)
+    await clock.advance_and_settle(0.001)
+    assert all(w.done() for w in waiting)
+    assert len(set(bucket.granted[-5:])) == 1
+
+
+async def test_ticked_limiter_keeps_the_budget(clock):
+    from forwarder.ratelimit import TickedLimiter
+
+    bucket = FakeBucket(clock, max_rate=20, period_s=1.0)
+    limiter = TickedLimiter(bucket, 0.05, now=clock.monotonic, sleep=clock.sleep)
+    start = clock.monotonic()
+
+    async def worker() -> None:
+        while clock.monotonic() - start < 5.0:
+            await limiter.acquire()
+
+    workers = [asyncio.ensure_future(worker()) for _ in range(8)]
+    while clock.monotonic() - start < 5.0:
+        await clock.advance_and_settle(0.01)
+    for w in workers:
+        w.cancel()
+    await asyncio.gather(*workers, return_exceptions=True)
+    in_window = [t for t in bucket.granted if t - start < 5.0]
+    assert 20 + 20 * 5.0 - 25 <= len(in_window) <= 20 + 20 * 5.0  # burst + drip, no more
