@@ -204,7 +204,7 @@ class _Counting:
         return reply
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
+class UnixHTTPConnection(http.client.HTTPConnection):
     """HTTP over an AF_UNIX stream socket; the Host header says "localhost"."""
 
     def __init__(self, path: str, timeout: float):
@@ -314,7 +314,7 @@ class EventClient(_Counting):
         t = self._target
         conn: http.client.HTTPConnection
         if t.unix_socket:
-            conn = _UnixHTTPConnection(t.unix_socket, timeout_s)
+            conn = UnixHTTPConnection(t.unix_socket, timeout_s)
         else:
             conn = http.client.HTTPConnection(t.host, t.port, timeout=timeout_s)
         try:

@@ -19,11 +19,12 @@ from __future__ import annotations
 import argparse
 import http.client
 import os
-import socket
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from urllib.parse import urlsplit
+
+from .client import UnixHTTPConnection
 
 DEFAULT_PORT = 8377
 DEFAULT_TIMEOUT_S = 2.0
@@ -40,24 +41,6 @@ def default_url(env: Mapping[str, str]) -> str:
     return f"http://{host}:{port}/healthz"
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    """HTTP over an AF_UNIX stream socket; the Host header stays "localhost"."""
-
-    def __init__(self, path: str, timeout: float):
-        super().__init__("localhost", timeout=timeout)
-        self._unix_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self._unix_path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
-
-
 def probe(url: str, *, unix_socket: str = "", timeout_s: float = DEFAULT_TIMEOUT_S) -> str | None:
     """None when `url` answers 200 within `timeout_s` in all; otherwise why not."""
     parts = urlsplit(url)
@@ -66,7 +49,7 @@ def probe(url: str, *, unix_socket: str = "", timeout_s: float = DEFAULT_TIMEOUT
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     deadline = time.monotonic() + timeout_s
     if unix_socket:
-        conn: http.client.HTTPConnection = _UnixHTTPConnection(unix_socket, timeout_s)
+        conn: http.client.HTTPConnection = UnixHTTPConnection(unix_socket, timeout_s)
     else:
         conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout_s)
     try:
