@@ -211,9 +211,10 @@ class Workers:
                 finally:
                     self._in_flight -= 1
                     self._changed.set()
-            except asyncio.CancelledError:
-                # Not sent, or cut off mid-flight: it goes back for the spool. Intercom drops a
-                # duplicate by its composite key, so a resend after restart is harmless.
+            except BaseException:
+                # Cancelled (not sent, or cut off mid-flight) or a bug: the event goes back for
+                # the spool before the task ends. Intercom drops a duplicate by its composite
+                # key, so a resend after restart is harmless.
                 self._queue.requeue_front(event)
                 if acquired:  # a cancelled acquire() counts nothing; a cancelled send does
                     self._gate.release(None, None)
@@ -225,7 +226,7 @@ class Workers:
         self._record_request(verdict)
         outcome = verdict.outcome
         if outcome is Outcome.DELIVERED:
-                self._m_delivered.inc()
+            self._m_delivered.inc()
         elif outcome is Outcome.RATE_LIMITED:
             self._rate_limited(event, verdict)
         elif outcome is Outcome.RETRY_LATER:

@@ -186,3 +186,23 @@ async def test_drain_waits_for_an_event_a_worker_holds_at_the_rate_gate(make_ser
         assert spool_lines(Path(svc.config.storage.state_dir)) == []
     finally:
         await fake.stop()
+
+
+async def test_a_worker_crash_stops_the_daemon_with_its_event_in_the_spool(make_service, clock,
+                                                                          captured_logs):
+    """Steps: sending hits a bug (an exception no verdict covers). Expect: the crash is
+    logged, the daemon asks to stop with exit code 1, and the event is spooled, not lost."""
+    svc = await make_service(clock=clock, shutdown={"drain_seconds": 0})
+
+    async def broken_send(event):
+        raise RuntimeError("a bug in the sender")
+
+    svc.upstream.send = broken_send
+    async with aiohttp.ClientSession() as s, s.post(svc.url + "/events",
+                                                    data=orjson.dumps(event(7))) as r:
+        assert r.status == 202
+    await wait_until(lambda: svc.exit_code == 1)
+    assert any(e["event"] == "service.worker_crashed" for e in captured_logs)
+    await svc.stop()
+    lines = spool_lines(Path(svc.config.storage.state_dir))
+    assert [line["body"]["user_id"] for line in lines] == ["u7"]
