@@ -298,6 +298,7 @@ class Workers:
         self._metrics.paused.set(1)
         if self._probe_task is None and not self._stopping:
             self._probe_task = asyncio.create_task(self._probe(), name="forwarder-auth-probe")
+            self._probe_task.add_done_callback(self._check_crash)
 
     async def _probe(self) -> None:
         try:
@@ -318,7 +319,7 @@ class Workers:
                         verdict = await self._upstream.send(event)
                     finally:
                         self._in_flight -= 1
-                except asyncio.CancelledError:
+                except BaseException:  # cancelled, or a bug: the event must not vanish
                     self._queue.requeue_front(event)
                     if acquired:
                         self._gate.release(None, None)

@@ -206,3 +206,27 @@ async def test_a_worker_crash_stops_the_daemon_with_its_event_in_the_spool(make_
     await svc.stop()
     lines = spool_lines(Path(svc.config.storage.state_dir))
     assert [line["body"]["user_id"] for line in lines] == ["u7"]
+
+
+async def test_a_crashing_auth_probe_stops_the_daemon_and_keeps_its_event(
+        make_service, fake_intercom, clock, captured_logs):
+    """Steps: the token is refused (paused, one event held for the probe); the probe's send
+    hits a bug. Expect: a logged crash, exit code 1, and the held event in the spool."""
+    fake_intercom.token = "revoked"
+    svc = await make_service(clock=clock, shutdown={"drain_seconds": 0})
+    async with aiohttp.ClientSession() as s, s.post(svc.url + "/events",
+                                                    data=orjson.dumps(event(9))) as r:
+        assert r.status == 202
+    await wait_until(lambda: svc.workers.paused)
+
+    async def broken_send(event):
+        raise RuntimeError("a bug in the sender")
+
+    svc.upstream.send = broken_send
+    await clock.wait_for_sleepers(2)  # the stats line and the probe
+    clock.advance(30)
+    await wait_until(lambda: svc.exit_code == 1)
+    assert any(e["event"] == "service.worker_crashed" for e in captured_logs)
+    await svc.stop()
+    lines = spool_lines(Path(svc.config.storage.state_dir))
+    assert [line["body"]["user_id"] for line in lines] == ["u9"]
