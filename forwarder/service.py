@@ -87,6 +87,7 @@ class Service:
         self.metrics.bind_queue(lambda: self.queue.ready, lambda: self.queue.waiting)
         self._accepting = False
         self._started = False
+        self._spool_loaded = False  # until then the spool on disk is the only copy
         self._stopped = False
         self._stop_requested = asyncio.Event()
         self._force = asyncio.Event()
@@ -161,7 +162,9 @@ class Service:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         left = self.queue.take_all()
-        written = self.spool.write(left)
+        # A start that failed before reloading the spool must not overwrite (or, with
+        # nothing queued, delete) the previous run's spool: it holds accepted events.
+        written = self.spool.write(left) if self._spool_loaded else 0
         log.info("spool.written" if written else "service.drained", events=written,
                  drained=drained)
         await self.upstream.close()
@@ -208,6 +211,7 @@ class Service:
 
     def _reload_spool(self) -> None:
         events = self.spool.load()
+        self._spool_loaded = True
         if events:
             self.queue.restore(events)
             for event in events:

@@ -230,3 +230,29 @@ async def test_a_crashing_auth_probe_stops_the_daemon_and_keeps_its_event(
     await svc.stop()
     lines = spool_lines(Path(svc.config.storage.state_dir))
     assert [line["body"]["user_id"] for line in lines] == ["u9"]
+
+
+async def test_a_start_that_fails_before_loading_the_spool_leaves_it_alone(tmp_path):
+    """Steps: a previous run left a spool; the next start has no token and fails at once.
+    Expect: the spool is untouched, ready for a start that works."""
+    import dataclasses
+
+    from forwarder.config import ConfigError, Secret
+    from forwarder.service import Service
+    from tests.conftest import base_config
+
+    cfg = base_config(tmp_path, "http://127.0.0.1:9")
+    cfg = dataclasses.replace(cfg, intercom=dataclasses.replace(cfg.intercom,
+                                                                access_token=Secret("")))
+    state = Path(cfg.storage.state_dir)
+    state.mkdir(parents=True)
+    spool = state / "spool.jsonl"
+    spool.write_bytes(b'{"route":"/events","attempts":2,"first_received_at":1.0,"key":"",'
+                      b'"body":{"event_name":"kept","created_at":1700000000,"user_id":"u"}}\n')
+    before = spool.read_bytes()
+    try:
+        async with Service(cfg):
+            raise AssertionError("start must fail without a token")
+    except ConfigError as exc:
+        assert exc.key == "intercom.access_token"
+    assert spool.read_bytes() == before
