@@ -245,24 +245,8 @@ def main() -> None:
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="bench-callgrind-") as tmp:
         workdir = Path(tmp)
-        sink_port = ri.free_port()
-        sink_log = workdir / "sink.log"
-        with open(sink_log, "wb") as log:
-            sink = subprocess.Popen(
-                [
-                    *ri.pin(ri.CLIENT_CPU),
-                    args.python,
-                    str(ri.BENCH / "sink.py"),
-                    "--port",
-                    str(sink_port),
-                ],
-                cwd=ri.ROOT,
-                env=ri.python_env("asyncio"),
-                stdout=log,
-                stderr=log,
-            )
+        sink_port, sink = ri.start_sink(args.python, workdir)
         try:
-            ri.wait_port(sink_port, sink, sink_log)
             servers = CallgrindServers(args.python, "serve", workdir, sink_port, 4_000_000)
             # No forwarding while measured (see the module docstring).
             servers.extra = ri.FORWARDING_OFF

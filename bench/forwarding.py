@@ -703,14 +703,9 @@ def write_section(
     section: str, markers: tuple[str, str] = MARKERS, path: Path = RESULTS_MD
 ) -> None:
     """Replace our marked section of RESULTS.md; every other section is kept as it is."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    start, end = markers
-    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end) + r"\n?", re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+    import run_intake  # bench/ is on sys.path when this runs as a script
+
+    run_intake.write_section(section, path=path, markers=markers)
 
 
 # --------------------------------------------------------------------------- main

@@ -128,24 +128,8 @@ def main() -> None:
     wrk = ri.Wrk(args.connections, 1, args.batch)
     with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
         workdir = Path(tmp)
-        sink_port = ri.free_port()
-        sink_log = workdir / "sink.log"
-        with open(sink_log, "wb") as log:
-            sink = subprocess.Popen(
-                [
-                    *ri.pin(ri.CLIENT_CPU),
-                    args.python,
-                    str(ri.BENCH / "sink.py"),
-                    "--port",
-                    str(sink_port),
-                ],
-                cwd=ri.ROOT,
-                env=ri.python_env("asyncio"),
-                stdout=log,
-                stderr=log,
-            )
+        sink_port, sink = ri.start_sink(args.python, workdir)
         try:
-            ri.wait_port(sink_port, sink, sink_log)
             servers = ri.Servers(args.python, "serve", workdir, sink_port, 4_000_000)
             with servers.running(ri.Target(args.target, args.loop)) as (port, proc, _log):
                 if args.target == "daemon":

@@ -483,6 +483,22 @@ def measure_quietest(
     return best
 
 
+def start_sink(python: str, workdir: Path) -> tuple[int, subprocess.Popen]:
+    """bench/sink.py (202 to everything) on the client's CPU; returns once it listens."""
+    sink_port = free_port()
+    sink_log = workdir / "sink.log"
+    with open(sink_log, "wb") as out:
+        sink = subprocess.Popen(
+            [*pin(CLIENT_CPU), python, str(BENCH / "sink.py"), "--port", str(sink_port)],
+            cwd=ROOT,
+            env=python_env("asyncio"),
+            stdout=out,
+            stderr=out,
+        )
+    wait_port(sink_port, sink, sink_log)
+    return sink_port, sink
+
+
 def sink_count(sink_port: int) -> int:
     with urllib.request.urlopen(f"http://127.0.0.1:{sink_port}/count", timeout=5) as r:
         return json.loads(r.read())["requests"]
@@ -588,24 +604,8 @@ def run(args: argparse.Namespace) -> Run:
 
     with tempfile.TemporaryDirectory(prefix="bench-intake-") as tmp:
         workdir = Path(tmp)
-        sink_port = free_port()
-        sink_log = workdir / "sink.log"
-        with open(sink_log, "wb") as out:
-            sink = subprocess.Popen(
-                [
-                    *pin(CLIENT_CPU),
-                    python,
-                    str(BENCH / "sink.py"),
-                    "--port",
-                    str(sink_port),
-                ],
-                cwd=ROOT,
-                env=python_env("asyncio"),
-                stdout=out,
-                stderr=out,
-            )
+        sink_port, sink = start_sink(python, workdir)
         try:
-            wait_port(sink_port, sink, sink_log)
             servers = Servers(python, daemon, workdir, sink_port, args.max_events)
             if args.forwarding == "off":
                 servers.extra = FORWARDING_OFF
