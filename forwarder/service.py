@@ -27,6 +27,7 @@ from .dedup import DedupWindow
 from .intake.http import Intake
 from .intake.listen import Listener
 from .intake.proxy import EventsProxy
+from .intake.routes import Routes
 from .metrics import Metrics
 from .notify import SystemdNotifier
 from .queue import EventQueue
@@ -79,11 +80,14 @@ class Service:
         self.intake = Intake(queue=self.queue, dedup=self.dedup, metrics=self.metrics,
                              clock=self.clock, readiness=self,
                              workspace_id=config.intercom.workspace_id,
-                             max_body_bytes=config.intake.max_body_bytes,
-                             extra_routes=self.proxy.add_routes)
-        self.listener = Listener(self.intake.app(), host=config.intake.host,
-                                 port=config.intake.port, unix_socket=config.intake.unix_socket,
-                                 sockets=listen_sockets)
+                             max_body_bytes=config.intake.max_body_bytes)
+        routes = Routes()
+        self.intake.add_routes(routes)
+        self.proxy.add_routes(routes)
+        self.listener = Listener(routes.dispatch, host=config.intake.host,
+                                 port=config.intake.port,
+                                 max_body_bytes=config.intake.max_body_bytes,
+                                 unix_socket=config.intake.unix_socket, sockets=listen_sockets)
         self.metrics.bind_queue(lambda: self.queue.ready, lambda: self.queue.waiting)
         self._accepting = False
         self._started = False

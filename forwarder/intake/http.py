@@ -29,6 +29,7 @@ from ..validate import (
     validate_event,
     validate_summaries,
 )
+from .routes import Routes, error_response
 
 log = structlog.get_logger("forwarder.intake")
 
@@ -60,25 +61,16 @@ class Readiness(Protocol):
     def not_ready_reason(self) -> str | None: ...
 
 
-def _error(status: int, code: str, message: str, field: str | None = None,
-           headers: dict[str, str] | None = None) -> web.Response:
-    err: dict[str, str] = {"code": code, "message": message}
-    if field is not None:
-        err["field"] = field
-    return web.Response(status=status, body=orjson.dumps({"type": "error.list", "errors": [err]}),
-                        content_type=JSON, headers=headers)
-
-
 def _problems(problems: list[Problem]) -> web.Response:
     return web.Response(status=400, body=error_body(problems), content_type=JSON)
 
 
 def _unavailable(message: str) -> web.Response:
-    return _error(503, "service_unavailable", message, headers={"Retry-After": RETRY_AFTER_S})
+    return error_response(503, "service_unavailable", message, headers={"Retry-After": RETRY_AFTER_S})
 
 
 class Intake:
-    """The intake's aiohttp application. Holds no events itself: admitted ones are in the
+    """The intake's routes and their handlers. Holds no events itself: admitted ones are in the
     queue before the 202 is written, so nothing answered 202 exists only in a socket."""
 
     def __init__(
@@ -91,7 +83,6 @@ class Intake:
         readiness: Readiness,
         workspace_id: str,
         max_body_bytes: int,
-        extra_routes: Callable[[web.Application], None] | None = None,
     ):
         self._queue = queue
         self._dedup = dedup
@@ -100,31 +91,26 @@ class Intake:
         self._readiness = readiness
         self._workspace_id = workspace_id
         self._max_body_bytes = max_body_bytes
-        self._extra_routes = extra_routes
         received = metrics.events_received
         self._count = {a: received.labels(a.value) for a in Admission}
         self._count_rejected = received.labels("rejected")
         self._unknown_seen: set[str] = set()
         self._truncation_log = LogThrottle(clock, interval_s=10.0)
 
-    def app(self) -> web.Application:
-        app = web.Application(client_max_size=self._max_body_bytes)
-        app.router.add_post("/events", self.post_event)
-        app.router.add_post("/events/batch", self.post_batch)
-        app.router.add_post("/events/summaries", self.post_summaries)
-        app.router.add_get("/healthz", self.healthz)
-        app.router.add_get("/readyz", self.readyz)
-        app.router.add_get("/metrics", self.metrics)
-        if self._extra_routes is not None:
-            self._extra_routes(app)
-        return app
+    def add_routes(self, routes: Routes) -> None:
+        routes.add("POST", "/events", self.post_event)
+        routes.add("POST", "/events/batch", self.post_batch)
+        routes.add("POST", "/events/summaries", self.post_summaries)
+        routes.add("GET", "/healthz", self.healthz)
+        routes.add("GET", "/readyz", self.readyz)
+        routes.add("GET", "/metrics", self.metrics)
 
     # -- routes -------------------------------------------------------------------------
 
-    async def post_event(self, request: web.Request) -> web.StreamResponse:
+    async def post_event(self, request: web.BaseRequest) -> web.StreamResponse:
         return await self._post_one(request, self._validate_event, 202)
 
-    async def post_summaries(self, request: web.Request) -> web.StreamResponse:
+    async def post_summaries(self, request: web.BaseRequest) -> web.StreamResponse:
         # Intercom answers POST /events/summaries 200, and so do we.
         return await self._post_one(request, self._validate_summaries, 200)
 
@@ -135,7 +121,7 @@ class Intake:
     def _validate_summaries(self, obj: object) -> Normalised | list[Problem]:
         return validate_summaries(obj, received_at=self._clock.wall())
 
-    async def _post_one(self, request: web.Request,
+    async def _post_one(self, request: web.BaseRequest,
                         validate: Callable[[object], Normalised | list[Problem]],
                         ok_status: int) -> web.StreamResponse:
         if not self._readiness.accepting:
@@ -151,9 +137,9 @@ class Intake:
             return self._answer_one(validate(obj), ok_status)
         except Exception:  # a bug, never the user's input: answer 500, keep serving
             log.exception("intake.unexpected_error", route=request.path)
-            return _error(500, "server_error", "unexpected error in the forwarder")
+            return error_response(500, "server_error", "unexpected error in the forwarder")
 
-    async def post_batch(self, request: web.Request) -> web.StreamResponse:
+    async def post_batch(self, request: web.BaseRequest) -> web.StreamResponse:
         if not self._readiness.accepting:
             return _unavailable("the forwarder is shutting down")
         body = await self._read(request)
@@ -163,19 +149,19 @@ class Intake:
             return self._batch(body, ndjson=request.content_type == "application/x-ndjson")
         except Exception:
             log.exception("intake.unexpected_error", route="/events/batch")
-            return _error(500, "server_error", "unexpected error in the forwarder")
+            return error_response(500, "server_error", "unexpected error in the forwarder")
 
-    async def healthz(self, request: web.Request) -> web.StreamResponse:
+    async def healthz(self, request: web.BaseRequest) -> web.StreamResponse:
         return web.Response(body=b'{"status":"ok"}', content_type=JSON)
 
-    async def readyz(self, request: web.Request) -> web.StreamResponse:
+    async def readyz(self, request: web.BaseRequest) -> web.StreamResponse:
         reason = self._readiness.not_ready_reason()
         if reason is None:
             return web.Response(body=b'{"ready":true}', content_type=JSON)
         return web.Response(status=503, body=orjson.dumps({"ready": False, "reason": reason}),
                             content_type=JSON)
 
-    async def metrics(self, request: web.Request) -> web.StreamResponse:
+    async def metrics(self, request: web.BaseRequest) -> web.StreamResponse:
         payload, content_type = self._metrics.render()
         resp = web.Response(body=payload)
         resp.headers["Content-Type"] = content_type
@@ -183,7 +169,7 @@ class Intake:
 
     # -- verdicts -----------------------------------------------------------------------
 
-    async def _read(self, request: web.Request) -> bytes | web.Response:
+    async def _read(self, request: web.BaseRequest) -> bytes | web.Response:
         if request.content_length is not None and request.content_length > self._max_body_bytes:
             return self._too_large()
         try:
@@ -193,7 +179,7 @@ class Intake:
 
     def _too_large(self) -> web.Response:
         self._count_rejected.inc()
-        return _error(413, "request_too_large",
+        return error_response(413, "request_too_large",
                       f"body is larger than intake.max_body_bytes ({self._max_body_bytes})",
                       field="body")
 

@@ -24,13 +24,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
-import orjson
 import structlog
 from aiohttp import web
 from multidict import MultiDictProxy
 
 from ..upstream import NETWORK_ERRORS, RateHeaders, classify
 from ..validate import NOT_FOUND, Problem, error_body
+from .routes import Routes, error_response
 
 log = structlog.get_logger("forwarder.intake")
 
@@ -111,15 +111,15 @@ class EventsProxy:
         self._upstream = upstream
         self._readiness = readiness
 
-    def add_routes(self, app: web.Application) -> None:
-        app.router.add_get(PATH, self.get_events)
+    def add_routes(self, routes: Routes) -> None:
+        routes.add("GET", PATH, self.get_events)
 
-    async def get_events(self, request: web.Request) -> web.StreamResponse:
+    async def get_events(self, request: web.BaseRequest) -> web.StreamResponse:
         problems = check_query(request.query)
         if problems:
             return web.Response(status=400, body=error_body(problems), content_type=JSON)
         if not self._readiness.accepting:
-            return _error(503, "service_unavailable", "the forwarder is shutting down",
+            return error_response(503, "service_unavailable", "the forwarder is shutting down",
                           headers={"Retry-After": "1"})
         query = list(request.query.items())  # order and repeats kept, values as sent
         await self._gate.acquire(priority=True)
@@ -133,7 +133,7 @@ class EventsProxy:
         except NETWORK_ERRORS as exc:
             reason = classify(None, None, b"", exc).reason
             log.warning("proxy.upstream_failed", reason=reason, error=type(exc).__name__)
-            return _error(_NETWORK_STATUS[reason], reason,
+            return error_response(_NETWORK_STATUS[reason], reason,
                           f"Intercom did not answer GET /events ({reason})")
         finally:
             # A cancelled or failed read may still have reached Intercom: release(None)
@@ -141,10 +141,4 @@ class EventsProxy:
             self._gate.release(status, rate, retry_after_s)
         passed = {name: headers[name] for name in PASSED_HEADERS if name in headers}
         return web.Response(status=status, body=body, headers=passed)
-
-
-def _error(status: int, code: str, message: str,
-           headers: dict[str, str] | None = None) -> web.Response:
-    body = orjson.dumps({"type": "error.list", "errors": [{"code": code, "message": message}]})
-    return web.Response(status=status, body=body, content_type=JSON, headers=headers)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 
@@ -104,6 +105,72 @@ async def test_body_over_max_body_bytes_is_a_413(make_service):
     status, _, body = await client.post("/events", big)
     assert status == 413
     assert orjson.loads(body)["type"] == "error.list"
+
+
+async def test_chunked_body_over_max_body_bytes_is_a_413(make_service):
+    """No Content-Length to refuse up front: the limit must hold while the body is read."""
+    svc = await make_service(intake={"max_body_bytes": 1024})
+    big = orjson.dumps({**EVENT, "metadata": {"note": "x" * 4000}})
+
+    async def chunks():
+        for i in range(0, len(big), 512):
+            yield big[i:i + 512]
+
+    async with aiohttp.ClientSession() as s, s.post(svc.url + "/events", data=chunks()) as r:
+        assert r.status == 413
+        assert (await r.json())["errors"][0]["field"] == "body"
+
+
+async def test_unknown_path_is_404_and_wrong_method_is_405_naming_the_allowed(client):
+    status, _, body = await client.post("/event", EVENT)
+    assert status == 404
+    assert orjson.loads(body)["errors"][0]["code"] == "not_found"
+    status, headers, body = await client.request("DELETE", "/events/batch")
+    assert status == 405
+    assert headers["Allow"] == "POST"
+    assert orjson.loads(body)["type"] == "error.list"
+    status, headers, _ = await client.request("PUT", "/healthz")
+    assert (status, headers["Allow"]) == (405, "GET, HEAD")
+
+
+async def test_head_is_served_by_the_get_route_without_a_body(client):
+    status, headers, body = await client.request("HEAD", "/healthz")
+    assert (status, body) == (200, b"")
+    assert int(headers["Content-Length"]) > 0
+
+
+async def test_expect_100_continue_is_answered_before_the_body_is_sent(make_service):
+    """curl sends Expect: 100-continue for bodies over 1 KiB and waits for the 100."""
+    svc = await make_service()
+    body = orjson.dumps([{**EVENT, "user_id": f"u{i}"} for i in range(20)])
+    reader, writer = await asyncio.open_connection("127.0.0.1", svc.listener.port)
+    try:
+        writer.write(b"POST /events/batch HTTP/1.1\r\nHost: localhost\r\n"
+                     b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body))
+        await writer.drain()
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert interim.startswith(b"HTTP/1.1 100 Continue")
+        writer.write(body)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 202")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")))
+        answer = orjson.loads(await asyncio.wait_for(reader.readexactly(length), 5))
+        assert answer["accepted"] == 20
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_unknown_expectation_is_a_417(make_service):
+    svc = await make_service()
+    async with aiohttp.ClientSession() as s, s.post(
+            svc.url + "/events", data=orjson.dumps(EVENT),
+            headers={"Expect": "something-else", "Content-Type": "application/json"}) as r:
+        assert r.status == 417
+        assert (await r.json())["errors"][0]["field"] == "Expect"
 
 
 async def test_batch_judges_each_event_alone(client, fake_intercom):

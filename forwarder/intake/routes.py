@@ -1,0 +1,83 @@
+"""The intake's route table: (method, path) -> handler, served by aiohttp's low-level server.
+
+Why not aiohttp's web.Application and its router: for a request that does a few
+microseconds of its own work, the Application costs more than the work. Per request it
+resolves the URL through the router, builds a match-info object, a full Request and the
+middleware chain; served by web.Server directly, a bare handler answers ~1.35x as many
+requests per second on one core (bench/RESULTS.md, "intake-server"). The intake has six
+fixed paths and no path parameters, so one dict lookup is all the routing it needs.
+
+What the router did that still matters is kept here: 404 for an unknown path, 405 with an
+Allow header for a known path and the wrong method, HEAD served by the GET handler, and
+"Expect: 100-continue" answered before the handler reads the body (curl sends it for
+bodies over 1 KiB and would otherwise wait a second before sending the batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import orjson
+from aiohttp import HttpVersion11, web
+
+JSON = "application/json"
+
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+def error_response(status: int, code: str, message: str, field: str | None = None,
+                   headers: dict[str, str] | None = None) -> web.Response:
+    """An answer in the shape Intercom's API uses for errors."""
+    err: dict[str, str] = {"code": code, "message": message}
+    if field is not None:
+        err["field"] = field
+    return web.Response(status=status, body=orjson.dumps({"type": "error.list", "errors": [err]}),
+                        content_type=JSON, headers=headers)
+
+
+class Routes:
+    """Fixed routes, matched on the exact method and path; `dispatch` is the server's handler."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[tuple[str, str], Handler] = {}
+        self._methods: dict[str, list[str]] = {}  # path -> methods, for 405's Allow
+
+    def add(self, method: str, path: str, handler: Handler) -> None:
+        methods = (method, "HEAD") if method == "GET" else (method,)
+        for m in methods:
+            if (m, path) in self._handlers:
+                raise ValueError(f"route {m} {path} is already taken")
+            self._handlers[(m, path)] = handler
+            self._methods.setdefault(path, []).append(m)
+
+    async def dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
+        handler = self._handlers.get((request.method, request.path))
+        if handler is None:
+            return self._no_route(request)
+        if "Expect" in request.headers:
+            refused = await self._expect(request)
+            if refused is not None:
+                return refused
+        return await handler(request)
+
+    def _no_route(self, request: web.BaseRequest) -> web.Response:
+        allowed = self._methods.get(request.path)
+        if allowed is None:
+            return error_response(404, "not_found",
+                                  f"no route {request.path}; see the README for the routes")
+        return error_response(405, "method_not_allowed",
+                              f"{request.method} is not allowed on {request.path}",
+                              headers={"Allow": ", ".join(sorted(allowed))})
+
+    @staticmethod
+    async def _expect(request: web.BaseRequest) -> web.Response | None:
+        """What aiohttp's router does for Expect: 100-continue; None means go on."""
+        if request.version != HttpVersion11:
+            return None
+        expect = request.headers["Expect"]
+        if expect.lower() != "100-continue":
+            return error_response(417, "expectation_failed", f"unknown Expect: {expect}",
+                                  field="Expect")
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the 100 is not part of the response proper
+        return None
