@@ -52,9 +52,12 @@ class Problem:
         return {"code": self.code, "message": self.message, "field": self.field}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Normalised:
-    """An accepted write, plus what was left out of it on the way (for metrics/logs)."""
+    """An accepted write, plus what was left out of it on the way (for metrics/logs).
+
+    Not frozen: a frozen dataclass sets each field through object.__setattr__, ~200 ns
+    more per event (bench/stages.py), and nothing keeps or hashes a Normalised."""
 
     event: Event
     dropped_metadata_keys: tuple[str, ...] = ()
