@@ -10,9 +10,61 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 PREFIX = "intercom_forwarder"
+
+
+class Tally:
+    """One series of a LoopCounter."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self, amount: int = 1) -> None:
+        self.value += amount
+
+
+class LoopCounter:
+    """A labelled counter for code that runs on the event loop's thread only: the intake
+    counts every request, and prometheus_client's Counter takes a lock on each inc()
+    (~380 ns, bench/stages.py "count"); a Tally is a plain int addition (~60 ns).
+
+    Exposed through a custom collector, prometheus_client's documented extension point,
+    so /metrics and registry.get_sample_value() read it like any Counter (`_total`).
+    Read at scrape time on the same thread, so no increment is ever half-seen.
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames: list[str],
+                 registry: CollectorRegistry):
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = labelnames
+        self._series: dict[tuple[str, ...], Tally] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> Tally:
+        if len(values) != len(self._labelnames):
+            raise ValueError(f"{self._name} takes labels {self._labelnames}, got {values}")
+        tally = self._series.get(values)
+        if tally is None:
+            tally = self._series[values] = Tally()
+        return tally
+
+    def _family(self) -> CounterMetricFamily:
+        return CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
+
+    def describe(self) -> list[CounterMetricFamily]:
+        return [self._family()]
+
+    def collect(self) -> list[CounterMetricFamily]:
+        family = self._family()
+        for values, tally in self._series.items():
+            family.add_metric(list(values), tally.value)
+        return [family]
 
 
 class Metrics:
@@ -21,7 +73,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.events_received = Counter(
+        self.events_received = LoopCounter(
             f"{PREFIX}_events_received",
             "Events received at the intake, by outcome",
             ["outcome"],  # accepted | duplicate | rejected | queue_full
