@@ -497,11 +497,11 @@ class FakeBucket:
         self._level, self._last = 0.0, clock.monotonic()
         self.granted: list[float] = []
 
-    def has_capacity(self) -> bool:
+    def has_capacity(self, amount: float = 1) -> bool:
         now = self._clock.monotonic()
         self._level = max(0.0, self._level - (now - self._last) * self._rate)
         self._last = now
-        return self._level + 1 <= self._max + 1e-9
+        return self._level + amount <= self._max + 1e-9
 
     async def acquire(self) -> None:
         assert self.has_capacity(), "TickedLimiter must only enter a bucket with capacity"
@@ -519,7 +519,9 @@ async def test_ticked_limiter_lets_paced_sends_out_together_on_a_tick(clock):
     for _ in range(10):
         await limiter.acquire()
     waiting = [asyncio.ensure_future(limiter.acquire()) for _ in range(5)]
-    await clock.wait_for_sleepers(5)
+    await clock.wait_for_sleepers(1)
+    await settle()
+    assert clock.sleepers == 1  # one shared tick, not one timer per waiter
     boundary = (int(clock.monotonic() / 0.05) + 1) * 0.05
     await clock.advance_and_settle(boundary - clock.monotonic() - 0.001)
     assert not any(w.done() for w in waiting)
@@ -547,3 +549,102 @@ async def test_ticked_limiter_keeps_the_budget(clock):
     await asyncio.gather(*workers, return_exceptions=True)
     in_window = [t for t in bucket.granted if t - start < 5.0]
     assert 20 + 20 * 5.0 - 25 <= len(in_window) <= 20 + 20 * 5.0  # burst + drip, no more
+
+
+def tickers() -> list[asyncio.Task[object]]:
+    return [t for t in asyncio.all_tasks() if not t.done()
+            and getattr(t.get_coro(), "__qualname__", "") == "TickedLimiter._tick"]
+
+
+async def test_a_tick_wakes_only_as_many_waiters_as_there_are_permits_oldest_first(clock):
+    """Steps: a bucket of 8 per second on 250 ms ticks (2 permits a tick) is emptied on a
+    tick boundary; 5 acquires wait. Expect: 2, 2, then 1 of them done per tick, in arrival
+    order, the rest still queued; then no ticker and no timer left."""
+    from forwarder.ratelimit import TickedLimiter
+
+    bucket = FakeBucket(clock, max_rate=8, period_s=1.0)
+    limiter = TickedLimiter(bucket, 0.25, now=clock.monotonic, sleep=clock.sleep)
+    for _ in range(8):
+        await limiter.acquire()
+    done: list[int] = []
+
+    async def waiter(i: int) -> None:
+        await limiter.acquire()
+        done.append(i)
+
+    tasks = [asyncio.ensure_future(waiter(i)) for i in range(5)]
+    await settle()
+    assert limiter.waiting == 5 and clock.sleepers == 1
+    await clock.advance_and_settle(0.25)
+    assert done == [0, 1] and limiter.waiting == 3
+    await clock.advance_and_settle(0.25)
+    assert done == [0, 1, 2, 3] and limiter.waiting == 1
+    await clock.advance_and_settle(0.25)
+    assert done == [0, 1, 2, 3, 4]
+    await asyncio.gather(*tasks)
+    assert bucket.granted[8:] == [1000.25, 1000.25, 1000.5, 1000.5, 1000.75]
+    assert clock.sleepers == 0 and not tickers()
+
+
+async def test_a_newcomer_queues_behind_waiters_even_when_a_permit_has_dripped_in(clock):
+    from forwarder.ratelimit import TickedLimiter
+
+    bucket = FakeBucket(clock, max_rate=8, period_s=1.0)
+    limiter = TickedLimiter(bucket, 0.25, now=clock.monotonic, sleep=clock.sleep)
+    for _ in range(8):
+        await limiter.acquire()
+    first = asyncio.ensure_future(limiter.acquire())
+    await settle()
+    await clock.advance_and_settle(0.2)  # 1.6 permits dripped in, the tick is 50 ms away
+    newcomer = asyncio.ensure_future(limiter.acquire())
+    await settle()
+    assert not first.done() and not newcomer.done()
+    await clock.advance_and_settle(0.05)
+    assert first.done() and newcomer.done()
+
+
+async def test_cancelling_every_waiter_leaves_no_ticker_and_no_timer(clock):
+    from forwarder.ratelimit import TickedLimiter
+
+    bucket = FakeBucket(clock, max_rate=8, period_s=1.0)
+    limiter = TickedLimiter(bucket, 0.25, now=clock.monotonic, sleep=clock.sleep)
+    for _ in range(8):
+        await limiter.acquire()
+    waiting = [asyncio.ensure_future(limiter.acquire()) for _ in range(3)]
+    await settle()
+    assert clock.sleepers == 1 and len(tickers()) == 1
+    for w in waiting:
+        w.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+    await settle()
+    assert limiter.waiting == 0 and clock.sleepers == 0 and not tickers()
+    assert len(bucket.granted) == 8
+    # and the limiter still works afterwards, on a fresh tick
+    again = asyncio.ensure_future(limiter.acquire())
+    await settle()
+    assert clock.sleepers == 1
+    await clock.advance_and_settle(0.25)
+    assert again.done() and len(bucket.granted) == 9
+
+
+async def test_a_permit_granted_to_a_waiter_cancelled_before_it_runs_goes_to_the_next(clock):
+    """The tick grants the oldest waiter its permit, and that waiter is cancelled before it
+    resumes: the permit must not be lost (nor the next waiter stranded until a later tick)."""
+    from forwarder.ratelimit import TickedLimiter
+
+    bucket = FakeBucket(clock, max_rate=4, period_s=1.0)  # 1 permit per 250 ms tick
+    limiter = TickedLimiter(bucket, 0.25, now=clock.monotonic, sleep=clock.sleep)
+    for _ in range(4):
+        await limiter.acquire()
+    first = asyncio.ensure_future(limiter.acquire())
+    second = asyncio.ensure_future(limiter.acquire())
+    await settle()
+    clock.advance(0.25)
+    while limiter.waiting == 2:  # until the ticker has run and granted `first`
+        await asyncio.sleep(0)
+    assert not first.done()
+    first.cancel()
+    await settle()
+    assert first.cancelled()
+    assert second.done() and bucket.granted[4:] == [1000.25]
+    assert clock.sleepers == 0 and not tickers()
