@@ -124,17 +124,33 @@ class Intake:
     async def _post_one(self, request: web.BaseRequest,
                         validate: Callable[[object], Normalised | list[Problem]],
                         ok_status: int) -> web.StreamResponse:
+        # The path every single event takes, so the steps are written out here rather
+        # than through _read() and a verdict helper: under load each call costs about twice
+        # what it costs in a microbenchmark (py-spy under wrk: validate_event 6.7 us per
+        # request in the daemon against 3.0 us in bench/stages.py).
         if not self._readiness.accepting:
             return _unavailable("the forwarder is shutting down")
-        body = await self._read(request)
-        if isinstance(body, web.Response):
-            return body
+        length = request.content_length
+        if length is not None and length > self._max_body_bytes:
+            return self._too_large()
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return self._too_large()
         try:
             obj = parse_json(body)
             if isinstance(obj, Problem):
                 self._count_rejected.inc()
                 return _problems([obj])
-            return self._answer_one(validate(obj), ok_status)
+            result = validate(obj)
+            if isinstance(result, list):
+                self._count_rejected.inc()
+                return _problems(result)
+            admission = self._admit(result)
+            self._count[admission].inc()
+            if admission is Admission.QUEUE_FULL:
+                return _unavailable("the forwarder's queue is full; retry later")
+            return web.Response(status=ok_status)
         except Exception:  # a bug, never the user's input: answer 500, keep serving
             log.exception("intake.unexpected_error", route=request.path)
             return error_response(500, "server_error", "unexpected error in the forwarder")
@@ -182,17 +198,6 @@ class Intake:
         return error_response(413, "request_too_large",
                       f"body is larger than intake.max_body_bytes ({self._max_body_bytes})",
                       field="body")
-
-    def _answer_one(self, result: Normalised | list[Problem], ok_status: int = 202
-                    ) -> web.Response:
-        if isinstance(result, list):
-            self._count_rejected.inc()
-            return _problems(result)
-        admission = self._admit(result)
-        self._count[admission].inc()
-        if admission is Admission.QUEUE_FULL:
-            return _unavailable("the forwarder's queue is full; retry later")
-        return web.Response(status=ok_status)
 
     def _admit(self, normalised: Normalised) -> Admission:
         """Dedup, then queue. Counting is the caller's, so a batch counts once."""
