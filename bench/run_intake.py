@@ -1,7 +1,7 @@
 """Intake benchmark: the daemon against a bare aiohttp handler, measured in the same run.
 
-    .venv/bin/python bench/run_intake.py            # full run, ~3 minutes
-    .venv/bin/python bench/run_intake.py --quick    # ~30 s, for development
+    .venv/bin/python bench/run_intake.py            # full run, ~5 minutes
+    .venv/bin/python bench/run_intake.py --quick    # ~1 minute, for development
 
 Figures (bench/README.md says what each one means):
   - single events over keep-alive HTTP, requests/s, as a ratio to the bare handler
