@@ -15,7 +15,7 @@ import asyncio
 import enum
 import random
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
@@ -25,6 +25,9 @@ from .event import Event
 from .logs import LogThrottle
 from .metrics import Metrics
 from .upstream import Outcome, Verdict
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter
 
 log = structlog.get_logger("forwarder.workers")
 
@@ -108,6 +111,7 @@ class Workers:
         self._dead_log = LogThrottle(clock, 10.0)
         fwd = metrics.events_forwarded
         self._m_delivered = fwd.labels("delivered", "")
+        self._m_requests: dict[int | None, Counter] = {}  # status -> its series, found once
         self.crashed: BaseException | None = None
         self.on_crash: Callable[[BaseException], None] | None = None
 
@@ -237,8 +241,12 @@ class Workers:
             self._pause(event, verdict)
 
     def _record_request(self, verdict: Verdict) -> None:
-        status = str(verdict.status) if verdict.status is not None else "error"
-        self._metrics.upstream_requests.labels(status).inc()
+        series = self._m_requests.get(verdict.status)
+        if series is None:
+            status = str(verdict.status) if verdict.status is not None else "error"
+            series = self._m_requests[verdict.status] = (
+                self._metrics.upstream_requests.labels(status))
+        series.inc()
         self._metrics.upstream_latency.observe(verdict.latency_s)
 
     def _rate_limited(self, event: Event, verdict: Verdict) -> None:

@@ -9,13 +9,21 @@ from collections.abc import AsyncIterator
 
 import orjson
 import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from forwarder import __version__
 from forwarder.clock import FakeClock
 from forwarder.config import IntercomConfig, Secret
 from forwarder.event import Event, Route
 from forwarder.fake_intercom import FakeIntercom, Fault
-from forwarder.upstream import Outcome, RateHeaders, UpstreamClient, Verdict
+from forwarder.upstream import (
+    Outcome,
+    RateHeaders,
+    UpstreamClient,
+    Verdict,
+    classify,
+    parse_rate_headers,
+)
 
 TOKEN = "s3cr3t-t0ken-value"
 WALL = 1_700_000_003.0
@@ -215,3 +223,17 @@ async def test_close_is_idempotent(fake, clock):
     await c.close()
     with pytest.raises(RuntimeError):
         await c.send(event())
+
+
+@pytest.mark.parametrize("wrap", [dict, CIMultiDict, lambda h: CIMultiDictProxy(CIMultiDict(h))])
+def test_classify_reads_headers_alike_from_a_dict_and_from_aiohttps_multidicts(wrap) -> None:
+    """aiohttp's headers are read in place (not copied with lower-cased keys): any case
+    matches, and a repeated header gives its last value, as with a plain dict."""
+    headers = wrap([("x-RateLimit-Limit", "100"), ("X-RATELIMIT-REMAINING", "7"),
+                    ("X-RateLimit-Reset", "1700000010"), ("retry-after", "9"),
+                    ("Retry-After", "3")])
+    verdict = classify(429, headers, b"")
+    assert verdict.rate == RateHeaders(limit=100, remaining=7, reset_at=1_700_000_010.0)
+    assert verdict.retry_after_s == 3.0
+    assert parse_rate_headers(headers) == verdict.rate
+    assert parse_rate_headers(wrap([("Server", "x")])) is None
