@@ -23,8 +23,10 @@ sides; the reported figure is the median over rounds, and a ratio is the median 
 per-round ratios (each pairs two neighbouring measurements).
 
 Single events are also measured in interleaved pairs (measure_pairs(): both servers up,
-taking turns on CPU 0 in short slices), because round ratios half a minute apart still
-swing with this machine's spells of noise; the single-event target is judged on those.
+taking turns on CPU 0 in short slices), because round ratios half a minute apart swing
+with this machine's spells of noise. Pairs swing too, but their daemon has taken every
+earlier slice's events (a fuller queue and dedup map, as in a daemon that has run for a
+while); the single-event target is judged on them, the rounds figure shown beside.
 
 The daemon forwards to bench/sink.py (202 to everything) at its default rate limit, as in
 production; its queue is raised so a whole run fits (a full queue would answer 503 and
@@ -799,8 +801,10 @@ def render(result: Run) -> str:
             f"apart. The interleaved pairs ({a['pairs']} per loop): both servers running, "
             f"taking turns on CPU 0 in {a['pair_seconds']} s slices A B B A, the idle one "
             f"moved to wrk's CPU (the daemon keeps forwarding there); a ratio pairs slices "
-            f"seconds apart, so this machine's spells of noise fall on both sides. The "
-            f"single-event target is judged on the pairs; see measure_pairs()."
+            f"seconds apart; the pairs' daemon has also taken every earlier slice's events, "
+            f"so its queue and dedup map are larger than a round's fresh daemon's. The "
+            f"single-event target is judged on the pairs; see measure_pairs() and "
+            f"bench/README.md."
             if result.pairs
             else "Single events: rounds only (--pairs 0)."
         ),
