@@ -66,7 +66,8 @@ def _problems(problems: list[Problem]) -> web.Response:
 
 
 def _unavailable(message: str) -> web.Response:
-    return error_response(503, "service_unavailable", message, headers={"Retry-After": RETRY_AFTER_S})
+    return error_response(503, "service_unavailable", message,
+                          headers={"Retry-After": RETRY_AFTER_S})
 
 
 class Intake:
