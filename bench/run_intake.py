@@ -1,6 +1,6 @@
 """Intake benchmark: the daemon against a bare aiohttp handler, measured in the same run.
 
-    .venv/bin/python bench/run_intake.py            # full run, ~5 minutes
+    .venv/bin/python bench/run_intake.py            # full run, ~8 minutes
     .venv/bin/python bench/run_intake.py --quick    # ~1 minute, for development
 
 Figures (bench/README.md says what each one means):
@@ -962,7 +962,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--pairs",
         type=int,
-        default=8,
+        default=20,
         help="interleaved single-event pairs per loop (see measure_pairs); 0: none",
     )
     p.add_argument("--pair-seconds", type=int, default=2, help="seconds per measured slice")
