@@ -29,7 +29,6 @@ import contextlib
 import fcntl
 import os
 import stat
-import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ import structlog
 
 from forwarder.clock import Clock
 from forwarder.event import Event
+from forwarder.files import fsync_dir, replace_atomically
 
 log = structlog.get_logger(__name__)
 
@@ -138,7 +138,7 @@ class DeadLetterFile:
             os.replace(self.path, _rotated(self.path, 1))
         else:
             self.path.unlink()
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         log.info("deadletter.rotated", path=str(self.path), keep_files=keep)
 
 
@@ -290,18 +290,8 @@ def _keep_owner(fd: int, reference: Path) -> None:
 
 
 def _rewrite(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        _keep_owner(fd, path if path.exists() else path.parent)
-        with open(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    reference = path if path.exists() else path.parent
+    replace_atomically(path, data, prepare=lambda fd: _keep_owner(fd, reference))
 
 
 def _parse_record(raw: bytes) -> dict[str, Any] | None:
@@ -372,14 +362,6 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _iso_utc(epoch_s: float) -> str:

@@ -13,8 +13,6 @@ damaged spool must not keep the daemon from starting.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import orjson
 import structlog
 
 from forwarder.event import Event, Route
+from forwarder.files import replace_atomically
 
 log = structlog.get_logger(__name__)
 
@@ -56,7 +55,7 @@ class Spool:
             )
             for e in events
         )
-        _replace_atomically(self.path, data)
+        replace_atomically(self.path, data)
         return len(events)
 
     def load(self) -> list[Event]:
@@ -110,28 +109,3 @@ def _parse_line(line: bytes) -> Event | None:
     return Event(
         body=body, key=key, route=route, attempts=attempts, first_received_at=float(received)
     )
-
-
-def _replace_atomically(path: Path, data: bytes) -> None:
-    """Write data to path so that readers see the old file or the new one, never a mix."""
-    directory = path.parent
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with open(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -1,0 +1,39 @@
+"""Durable file writes shared by the spool and the dead-letter file."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def replace_atomically(path: Path, data: bytes,
+                       prepare: Callable[[int], None] | None = None) -> None:
+    """Write data to path so that readers see the old file or the new one, never a mix,
+    and the new one survives a crash once this returns. prepare(fd) runs on the temporary
+    file before anything is written (the dead-letter file sets its owner there)."""
+    directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        if prepare is not None:
+            prepare(fd)
+        with open(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(directory)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or a new file in directory durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
