@@ -104,18 +104,6 @@ class CallgrindServers(ri.Servers):
             ri.stop(proc, grace=60)
 
 
-def event(n: int, j: int | None, created_at: int) -> bytes:
-    """One event, the same shape and size as bench/wrk/events.lua's (kept in step by hand)."""
-    i = f"{n:012d}" if j is None else f"{n:012d}-{j:03d}"
-    return (
-        f'{{"event_name":"order-completed","created_at":{created_at},"user_id":"usr_{i}",'
-        f'"email":"customer.{i}@mail.example-shop.com","metadata":{{"order_id":'
-        f'"ord_5f1c2a9e-4b7d-{i}","order_url":"https://shop.example.com/en-gb/account/orders/'
-        f'ord_5f1c2a9e-4b7d-{i}","plan":"premium-annual-eur-billed-yearly",'
-        f'"amount_cents":12999}}}}'
-    ).encode()
-
-
 class Client:
     """Sends exactly n requests over `connections` keep-alive connections, and checks each
     answer, so the instruction count divides by a known number of events."""
@@ -129,10 +117,10 @@ class Client:
     def body(self, mode: str) -> bytes:
         self.counter += 1
         if mode == "single":
-            return event(self.counter, None, self.created_at)
+            return ri.event_body(self.counter, self.created_at)
         return (
             b"["
-            + b",".join(event(self.counter, j, self.created_at) for j in range(1, self.batch + 1))
+            + b",".join(ri.event_body(self.counter, self.created_at, j) for j in range(1, self.batch + 1))
             + b"]"
         )
 

@@ -228,6 +228,19 @@ def uvloop_available(python: str) -> str | None:
     return r.stdout.strip() if r.returncode == 0 else None
 
 
+def event_body(n: int, created_at: int, j: int | None = None) -> bytes:
+    """One event, the same shape and size as bench/wrk/events.lua's (kept in step by
+    hand); j numbers the events of batch n."""
+    i = f"{n:012d}" if j is None else f"{n:012d}-{j:03d}"
+    return (
+        f'{{"event_name":"order-completed","created_at":{created_at},"user_id":"usr_{i}",'
+        f'"email":"customer.{i}@mail.example-shop.com","metadata":{{"order_id":'
+        f'"ord_5f1c2a9e-4b7d-{i}","order_url":"https://shop.example.com/en-gb/account/orders/'
+        f'ord_5f1c2a9e-4b7d-{i}","plan":"premium-annual-eur-billed-yearly",'
+        f'"amount_cents":12999}}}}'
+    ).encode()
+
+
 def daemon_config(
     path: Path, port: int, sink_port: int, state_dir: Path, max_events: int, extra: str = ""
 ) -> None:

@@ -37,23 +37,13 @@ import orjson
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 
+from run_intake import event_body, write_section
+
 from forwarder.config import load_config
 from forwarder.service import Service
 from forwarder.validate import event_key, parse_json, validate_event
 
 SECTION = ("<!-- intake-stages:start -->", "<!-- intake-stages:end -->")
-
-
-def event_body(n: int, created_at: int) -> bytes:
-    """The same event as bench/wrk/events.lua builds (kept in step by hand)."""
-    i = f"{n:012d}"
-    return (
-        f'{{"event_name":"order-completed","created_at":{created_at},"user_id":"usr_{i}",'
-        f'"email":"customer.{i}@mail.example-shop.com","metadata":{{"order_id":'
-        f'"ord_5f1c2a9e-4b7d-{i}","order_url":"https://shop.example.com/en-gb/account/orders/'
-        f'ord_5f1c2a9e-4b7d-{i}","plan":"premium-annual-eur-billed-yearly",'
-        f'"amount_cents":12999}}}}'
-    ).encode()
 
 
 def best_ns(run: Callable[[], int], repeat: int) -> float:
@@ -203,9 +193,7 @@ def main() -> None:
     rows = measure(args.events, args.repeat, args.batch)
     section = render(rows, args)
     if args.write:
-        import run_intake
-
-        run_intake.write_section(section, markers=SECTION)
+        write_section(section, markers=SECTION)
     print(section)
 
 
