@@ -9,7 +9,7 @@ path has no await per event, no task, no log call and one serialisation (in vali
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import orjson
@@ -42,6 +42,11 @@ class Admission(enum.Enum):
     ACCEPTED = "accepted"
     DUPLICATE = "duplicate"
     QUEUE_FULL = "queue_full"
+
+
+# Module-level names: attribute access on an Enum class and hashing a member both run
+# Python code (~80 ns each), which the per-event path does not need.
+_ACCEPTED, _DUPLICATE, _QUEUE_FULL = Admission.ACCEPTED, Admission.DUPLICATE, Admission.QUEUE_FULL
 
 
 class Offerable(Protocol):
@@ -95,6 +100,7 @@ class Intake:
         received = metrics.events_received
         self._count = {a: received.labels(a.value) for a in Admission}
         self._count_rejected = received.labels("rejected")
+        self._count_accepted = self._count[Admission.ACCEPTED]
         self._unknown_seen: set[str] = set()
         self._truncation_log = LogThrottle(clock, interval_s=10.0)
 
@@ -108,12 +114,13 @@ class Intake:
 
     # -- routes -------------------------------------------------------------------------
 
-    async def post_event(self, request: web.BaseRequest) -> web.StreamResponse:
-        return await self._post_one(request, self._validate_event, 202)
+    # Plain functions returning _post_one's coroutine: each request runs in one coroutine.
+    def post_event(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
+        return self._post_one(request, self._validate_event, 202)
 
-    async def post_summaries(self, request: web.BaseRequest) -> web.StreamResponse:
+    def post_summaries(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
         # Intercom answers POST /events/summaries 200, and so do we.
-        return await self._post_one(request, self._validate_summaries, 200)
+        return self._post_one(request, self._validate_summaries, 200)
 
     def _validate_event(self, obj: object) -> Normalised | list[Problem]:
         return validate_event(obj, received_at=self._clock.wall(),
@@ -147,8 +154,11 @@ class Intake:
                 self._count_rejected.inc()
                 return _problems(result)
             admission = self._admit(result)
+            if admission is _ACCEPTED:
+                self._count_accepted.value += 1
+                return web.Response(status=ok_status)
             self._count[admission].inc()
-            if admission is Admission.QUEUE_FULL:
+            if admission is _QUEUE_FULL:
                 return _unavailable("the forwarder's queue is full; retry later")
             return web.Response(status=ok_status)
         except Exception:  # a bug, never the user's input: answer 500, keep serving
@@ -204,15 +214,15 @@ class Intake:
         event = normalised.event
         key = event.key
         if key and not self._dedup.add_if_absent(key):
-            return Admission.DUPLICATE
+            return _DUPLICATE
         if not self._queue.offer(event):
             # Not taken, so not seen: the client's retry of this event must go through.
             if key:
                 self._dedup.forget(key)
-            return Admission.QUEUE_FULL
+            return _QUEUE_FULL
         if normalised.dropped_metadata_keys or normalised.unknown_fields:
             self._report_dropped(normalised)
-        return Admission.ACCEPTED
+        return _ACCEPTED
 
     def _report_dropped(self, normalised: Normalised) -> None:
         dropped = normalised.dropped_metadata_keys

@@ -50,17 +50,24 @@ class Routes:
             self._handlers[(m, path)] = handler
             self._methods.setdefault(path, []).append(m)
 
-    async def dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
+    def dispatch(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
+        # A plain function that returns the handler's coroutine for aiohttp to await, so a
+        # request runs in one coroutine, not two (the server only awaits what it gets).
         handler = self._handlers.get((request.method, request.path))
         if handler is None:
             return self._no_route(request)
         if "Expect" in request.headers:
-            refused = await self._expect(request)
-            if refused is not None:
-                return refused
+            return self._expect_then(request, handler)
+        return handler(request)
+
+    async def _expect_then(self, request: web.BaseRequest,
+                           handler: Handler) -> web.StreamResponse:
+        refused = await self._expect(request)
+        if refused is not None:
+            return refused
         return await handler(request)
 
-    def _no_route(self, request: web.BaseRequest) -> web.Response:
+    async def _no_route(self, request: web.BaseRequest) -> web.Response:
         allowed = self._methods.get(request.path)
         if allowed is None:
             return error_response(404, "not_found",
