@@ -87,9 +87,19 @@ class DedupWindow:
         in the window, else remember it and return True. The intake's hot path."""
         k = _first_u64(key)[0]
         now = self._clock.monotonic()
-        expires_at = self._where.get(k)
+        where = self._where
+        expires_at = where.get(k)
         if expires_at is not None and expires_at > now:
             return False
+        gens = self._gens
+        if gens and now < gens[-1].closes_at and gens[0].expires_at > now \
+                and len(where) < self._max_keys:
+            # _add()'s common case, written out: the current generation is open, none has
+            # expired and the count bound is not reached.
+            gen = gens[-1]
+            gen.keys.append(k)
+            where[k] = gen.expires_at
+            return True
         self._add(k, now)
         return True
 

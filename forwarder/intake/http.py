@@ -9,12 +9,14 @@ path has no await per event, no task, no log call and one serialisation (in vali
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import orjson
 import structlog
 from aiohttp import web
+from orjson import JSONDecodeError, loads
 
 from ..clock import Clock
 from ..event import Event
@@ -32,6 +34,8 @@ from ..validate import (
 from .routes import Routes, error_response
 
 log = structlog.get_logger("forwarder.intake")
+
+Validator = Callable[[object, float], Normalised | list[Problem]]
 
 JSON = "application/json"
 RETRY_AFTER_S = "1"
@@ -103,6 +107,10 @@ class Intake:
         self._count_accepted = self._count[Admission.ACCEPTED]
         self._unknown_seen: set[str] = set()
         self._truncation_log = LogThrottle(clock, interval_s=10.0)
+        # (obj, received_at) -> verdict; partial() binds the rest without a Python frame.
+        self._validate_event: Validator = functools.partial(validate_event,
+                                                            workspace_id=workspace_id)
+        self._validate_summaries: Validator = validate_summaries
 
     def add_routes(self, routes: Routes) -> None:
         routes.add("POST", "/events", self.post_event)
@@ -122,15 +130,7 @@ class Intake:
         # Intercom answers POST /events/summaries 200, and so do we.
         return self._post_one(request, self._validate_summaries, 200)
 
-    def _validate_event(self, obj: object) -> Normalised | list[Problem]:
-        return validate_event(obj, received_at=self._clock.wall(),
-                              workspace_id=self._workspace_id)
-
-    def _validate_summaries(self, obj: object) -> Normalised | list[Problem]:
-        return validate_summaries(obj, received_at=self._clock.wall())
-
-    async def _post_one(self, request: web.BaseRequest,
-                        validate: Callable[[object], Normalised | list[Problem]],
+    async def _post_one(self, request: web.BaseRequest, validate: Validator,
                         ok_status: int) -> web.StreamResponse:
         # The path every single event takes, so the read and the verdict are written out
         # here rather than through _read() and a verdict helper (post_batch keeps _read):
@@ -145,11 +145,14 @@ class Intake:
         except web.HTTPRequestEntityTooLarge:
             return self._too_large()
         try:
-            obj = parse_json(body)
-            if isinstance(obj, Problem):
+            try:
+                obj = loads(body)
+            except JSONDecodeError:
+                obj = parse_json(body)  # for the Problem that says why
+            if obj.__class__ is Problem:
                 self._count_rejected.inc()
                 return _problems([obj])
-            result = validate(obj)
+            result = validate(obj, self._clock.wall())
             if isinstance(result, list):
                 self._count_rejected.inc()
                 return _problems(result)
