@@ -433,7 +433,7 @@ def validate_event(
             received_at,
         ),
         dropped,
-        _unknown(obj, _EVENT_FIELDS),
+        () if obj.keys() <= _EVENT_FIELDS else _unknown(obj, _EVENT_FIELDS),
     )
 
 
