@@ -137,10 +137,9 @@ class Intake:
         # ~4,800 fewer instructions per request (bench/callgrind_intake.py).
         if not self._readiness.accepting:
             return _unavailable("the forwarder is shutting down")
-        length = request.content_length
-        if length is not None and length > self._max_body_bytes:
-            return self._too_large()
         try:
+            # read() enforces max_body_bytes (the request's client_max_size, listen.py),
+            # with or without a Content-Length: no separate header check on this path.
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             return self._too_large()

@@ -53,9 +53,13 @@ class Routes:
     def dispatch(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
         # A plain function that returns the handler's coroutine for aiohttp to await, so a
         # request runs in one coroutine, not two (the server only awaits what it gets).
-        handler = self._handlers.get((request.method, request.path))
+        # raw_path is the request target as sent: no URL object is built and decoded for it.
+        # It carries any query string or %-escapes, so on a miss the decoded path decides.
+        handler = self._handlers.get((request.method, request.raw_path))
         if handler is None:
-            return self._no_route(request)
+            handler = self._handlers.get((request.method, request.path))
+            if handler is None:
+                return self._no_route(request)
         if "Expect" in request.headers:
             return self._expect_then(request, handler)
         return handler(request)

@@ -133,6 +133,16 @@ async def test_unknown_path_is_404_and_wrong_method_is_405_naming_the_allowed(cl
     assert (status, headers["Allow"]) == (405, "GET, HEAD")
 
 
+async def test_a_query_string_or_escaped_path_reaches_the_same_route(client, fake_intercom):
+    # Routing looks up the raw request target first; these are the cases where the raw
+    # target differs from the path and the decoded path must decide.
+    status, _, _ = await client.post("/events?source=app", EVENT)
+    assert status == 202
+    status, _, _ = await client.post("/%65vents", {**EVENT, "event_name": "other"})
+    assert status == 202
+    await fake_intercom.wait_for_delivered(2)
+
+
 async def test_head_is_served_by_the_get_route_without_a_body(client):
     status, headers, body = await client.request("HEAD", "/healthz")
     assert (status, body) == (200, b"")
