@@ -607,10 +607,15 @@ def measure_pairs(
     Noise on this shared machine comes in spells of seconds to minutes, so two figures
     measured half a minute apart (a round's pair) can differ by 15% on noise alone. Here
     both servers run at once and take turns on the measured core: the one being measured
-    is moved to CPU 0 (sched_setaffinity), the other to wrk's CPU, and each slice is
-    --pair-seconds after a 1 s warm-up, A B B A. Each pair's ratio compares two slices a
-    few seconds apart. The idle daemon keeps forwarding at its paced rate on the other
-    core, so while measured it does exactly its steady-state share of forwarding.
+    is moved to CPU 0 (sched_setaffinity), the other to wrk's CPU. A pair is
+    --pair-slices slices of --pair-seconds per side, in the order A B B A B A A B (A is
+    the baseline in even pairs, the daemon in odd ones), and its ratio is the daemon's
+    requests per second over its slices against the baseline's over theirs: both sides
+    sample the same few seconds, and a linear drift within the pair cancels. (Pairs of
+    one 2 s slice per side, seconds apart, ranged 0.5 to 1.2 in one run; an A/A run of
+    these pairs, `--daemon baseline-copy --rounds 0 --pairs 10`, ranged 0.86 to 1.08.)
+    The idle daemon keeps forwarding at its paced rate on the other core, so while
+    measured it does exactly its steady-state share of forwarding.
     """
     base_t, daemon_t = Target("baseline", loop), Target("daemon", loop)
     pairs: list[dict] = []
@@ -624,18 +629,30 @@ def measure_pairs(
             if args.forwarding == "on":
                 settle_forwarding(sink_port)
         side = {"baseline": (bport, bproc, dproc), "daemon": (dport, dproc, bproc)}
+        for kind in ("baseline", "daemon"):  # warm both once, on the measured core
+            port, proc, other = side[kind]
+            os.sched_setaffinity(other.pid, {int(CLIENT_CPU)})
+            os.sched_setaffinity(proc.pid, {int(SERVER_CPU)})
+            wrk.run(port, "single", 1)
         for i in range(args.pairs):
-            got: dict[str, tuple[float, float]] = {}
-            for kind in ("baseline", "daemon") if i % 2 == 0 else ("daemon", "baseline"):
+            # Each pair is --pair-slices short slices per side, A B B A B A A B ..., so
+            # both sides sample the same seconds of the machine's drift.
+            first, second = ("baseline", "daemon") if i % 2 == 0 else ("daemon", "baseline")
+            order = (first, second, second, first, second, first, first, second)
+            totals = {"baseline": [0, 0.0, 0.0], "daemon": [0, 0.0, 0.0]}  # n, s, cpu s
+            for j in range(2 * args.pair_slices):
+                kind = order[j % len(order)]
                 port, proc, other = side[kind]
                 os.sched_setaffinity(other.pid, {int(CLIENT_CPU)})
                 os.sched_setaffinity(proc.pid, {int(SERVER_CPU)})
-                wrk.run(port, "single", 1)
                 c0 = cpu_seconds(proc.pid)
                 summary, _ = wrk.run(port, "single", args.pair_seconds)
                 c1 = cpu_seconds(proc.pid)
-                n = max(summary["requests"], 1)
-                got[kind] = (n / (summary["duration_us"] / 1e6), (c1 - c0) / n * 1e6)
+                t = totals[kind]
+                t[0] += summary["requests"]
+                t[1] += summary["duration_us"] / 1e6
+                t[2] += c1 - c0
+            got = {k: (n / secs, cpu / max(n, 1) * 1e6) for k, (n, secs, cpu) in totals.items()}
             pairs.append(
                 {
                     "loop": loop,
@@ -812,9 +829,10 @@ def render(result: Run) -> str:
             f"Single events are measured twice. The rounds: each target started afresh, "
             f"measured for {a['duration']} s; a ratio pairs measurements about half a minute "
             f"apart. The interleaved pairs ({a['pairs']} per loop): both servers running, "
-            f"taking turns on CPU 0 in {a['pair_seconds']} s slices A B B A, the idle one "
-            f"moved to wrk's CPU (the daemon keeps forwarding there); a ratio pairs slices "
-            f"seconds apart; the pairs' daemon has also taken every earlier slice's events, "
+            f"taking turns on CPU 0 in {a['pair_seconds']} s slices, {a['pair_slices']} per "
+            f"side and pair in the order A B B A B A A B, the idle one moved to wrk's CPU "
+            f"(the daemon keeps forwarding there); a pair's ratio compares its sides over "
+            f"the same few seconds; the pairs' daemon has also taken every earlier slice's events, "
             f"so its queue and dedup map are larger than a round's fresh daemon's. The "
             f"single-event target is judged on the pairs; see measure_pairs() and "
             f"bench/README.md."
@@ -978,7 +996,9 @@ def parser() -> argparse.ArgumentParser:
         default=20,
         help="interleaved single-event pairs per loop (see measure_pairs); 0: none",
     )
-    p.add_argument("--pair-seconds", type=int, default=2, help="seconds per measured slice")
+    p.add_argument("--pair-seconds", type=int, default=1, help="seconds per measured slice")
+    p.add_argument("--pair-slices", type=int, default=4,
+                   help="slices per side in each pair (A B B A B A A B ...)")
     p.add_argument("--duration", type=int, default=3, help="seconds per measured figure")
     p.add_argument("--warmup", type=int, default=1, help="seconds of warm-up before each")
     p.add_argument("--connections", type=int, default=32)
