@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import signal
@@ -122,6 +123,7 @@ def _serve(args: argparse.Namespace) -> int:
     async def _main() -> int:
         service = Service(cfg, notifier=SystemdNotifier.from_env(os.environ),
                           listen_sockets=listen_fds(os.environ))
+        freeze_startup_heap()
         code = await service.run()
         # Everything is delivered or spooled now: a late SIGTERM (systemd, a test, an
         # impatient operator) must not turn this exit 0 into death by signal in teardown.
@@ -134,6 +136,21 @@ def _serve(args: argparse.Namespace) -> int:
     except OSError as exc:  # e.g. the port is taken
         print(f"intercom-forwarder: cannot start: {exc}", file=sys.stderr)
         return 1
+
+
+def freeze_startup_heap() -> None:
+    """Take everything built before serving (modules, config, the service, its queue and
+    dedup window) out of the cycle collector's sight, once per process.
+
+    A full collection walks every container it tracks, and the queue's deque is walked
+    item by item: under single-event load, full collections stalled the daemon for ~25 ms
+    every several seconds, and every request in flight waited it out. Frozen, they take
+    under 1 ms (bench/gc_pauses.py; the slowest requests gain most). Nothing built here
+    is ever garbage, and gc.collect() runs first so that no start-up garbage is frozen
+    with it. Per process, not per Service: tests build many services in one process.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _install_loop(choice: str) -> None:
