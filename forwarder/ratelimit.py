@@ -103,7 +103,6 @@ class TickedLimiter:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._granted = 0  # woken at a tick, not yet in the bucket
         self._ticker: asyncio.Task[None] | None = None
-        self._next_grant: asyncio.Handle | None = None  # _grant() for the next waiter
 
     @property
     def waiting(self) -> int:
@@ -145,14 +144,7 @@ class TickedLimiter:
                 self._ticker = None
 
     def _grant(self) -> None:
-        """Wake the oldest waiter the bucket holds a permit for, and the next ones one per
-        turn of the event loop. Woken all at once, a tick's ~8 sends started in one turn
-        and held every intake request waiting behind them (~1 ms); one per turn, the
-        intake's requests are served in between. They still go out within the same tick,
-        and an idle loop turns at once, so they still share one wake-up."""
-        if self._next_grant is not None:  # called directly (a tick, a cancel): one chain
-            self._next_grant.cancel()
-            self._next_grant = None
+        """Wake the oldest waiters, as many as the bucket holds permits for now."""
         waiters, bucket = self._waiters, self._bucket
         while waiters and bucket.has_capacity(self._granted + 1):
             fut = waiters.popleft()
@@ -160,10 +152,6 @@ class TickedLimiter:
                 continue
             fut.set_result(None)
             self._granted += 1
-            if waiters and self._next_grant is None:
-                # Runs after the woken waiter has taken its permit (scheduled later).
-                self._next_grant = asyncio.get_running_loop().call_soon(self._grant)
-            return
 
 
 class RateGate:

@@ -648,37 +648,3 @@ async def test_a_permit_granted_to_a_waiter_cancelled_before_it_runs_goes_to_the
     assert first.cancelled()
     assert second.done() and bucket.granted[4:] == [1000.25]
     assert clock.sleepers == 0 and not tickers()
-
-
-async def test_a_tick_hands_its_permits_out_one_per_event_loop_turn(clock):
-    """Steps: a tick finds 4 permits for 4 waiters. Expect: all 4 get them at that tick's
-    time, but each resumes in its own turn of the event loop, so the intake's requests are
-    served between the sends instead of waiting behind all of them at once."""
-    from forwarder.ratelimit import TickedLimiter
-
-    bucket = FakeBucket(clock, max_rate=8, period_s=1.0)
-    limiter = TickedLimiter(bucket, 0.5, now=clock.monotonic, sleep=clock.sleep)
-    for _ in range(8):
-        await limiter.acquire()
-    turn = 0
-
-    async def count_turns() -> None:
-        nonlocal turn
-        while True:
-            turn += 1
-            await asyncio.sleep(0)
-
-    resumed_in: list[int] = []
-
-    async def waiter() -> None:
-        await limiter.acquire()
-        resumed_in.append(turn)
-
-    counter = asyncio.ensure_future(count_turns())
-    tasks = [asyncio.ensure_future(waiter()) for _ in range(4)]
-    await settle()
-    await clock.advance_and_settle(0.5)
-    await asyncio.gather(*tasks)
-    counter.cancel()
-    assert bucket.granted[8:] == [1000.5] * 4  # the same tick
-    assert len(resumed_in) == 4 and len(set(resumed_in)) == 4  # four different turns
