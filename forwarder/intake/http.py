@@ -99,7 +99,6 @@ class Intake:
         self._metrics = metrics
         self._clock = clock
         self._readiness = readiness
-        self._workspace_id = workspace_id
         self._max_body_bytes = max_body_bytes
         received = metrics.events_received
         self._count = {a: received.labels(a.value) for a in Admission}
@@ -110,7 +109,6 @@ class Intake:
         # (obj, received_at) -> verdict; partial() binds the rest without a Python frame.
         self._validate_event: Validator = functools.partial(validate_event,
                                                             workspace_id=workspace_id)
-        self._validate_summaries: Validator = validate_summaries
 
     def add_routes(self, routes: Routes) -> None:
         routes.add("POST", "/events", self.post_event)
@@ -128,7 +126,7 @@ class Intake:
 
     def post_summaries(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
         # Intercom answers POST /events/summaries 200, and so do we.
-        return self._post_one(request, self._validate_summaries, 200)
+        return self._post_one(request, validate_summaries, 200)
 
     async def _post_one(self, request: web.BaseRequest, validate: Validator,
                         ok_status: int) -> web.StreamResponse:
@@ -138,9 +136,7 @@ class Intake:
         if not self._readiness.accepting:
             return _unavailable("the forwarder is shutting down")
         try:
-            # read() enforces max_body_bytes (the request's client_max_size, listen.py),
-            # with or without a Content-Length: no separate header check on this path.
-            body = await request.read()
+            body = await request.read()  # enforces max_body_bytes, as _read() says
         except web.HTTPRequestEntityTooLarge:
             return self._too_large()
         try:
@@ -198,8 +194,8 @@ class Intake:
     # -- verdicts -----------------------------------------------------------------------
 
     async def _read(self, request: web.BaseRequest) -> bytes | web.Response:
-        if request.content_length is not None and request.content_length > self._max_body_bytes:
-            return self._too_large()
+        # read() enforces max_body_bytes (the request's client_max_size, listen.py) with or
+        # without a Content-Length, so no header check of our own.
         try:
             return await request.read()
         except web.HTTPRequestEntityTooLarge:
