@@ -119,7 +119,7 @@ def measure_queue_rss() -> float:
     before = _rss_bytes()
     for n in range(QUEUE_EVENTS):
         raw = orjson.loads(make_body(n))
-        result = validate_event(raw, received_at=1_700_000_000.0, workspace_id="default")
+        result = validate_event("default", raw, 1_700_000_000.0)
         assert queue.offer(result.event)
     gc.collect()
     return (_rss_bytes() - before) / QUEUE_EVENTS

@@ -70,7 +70,7 @@ def measure(n: int, repeat: int, batch: int) -> list[tuple[str, float]]:
     bodies = [event_body(i, created_at) for i in range(n)]
     objs = [orjson.loads(b) for b in bodies]
     now = time.time()
-    normalised = [validate_event(o, received_at=now, workspace_id="default") for o in objs]
+    normalised = [validate_event("default", o, now) for o in objs]
     assert all(not isinstance(x, list) for x in normalised), normalised[0]
     events = [x.event for x in normalised]
     keys = [e.key for e in events]
@@ -84,7 +84,7 @@ def measure(n: int, repeat: int, batch: int) -> list[tuple[str, float]]:
 
     def loop_validate() -> int:
         for o in objs:
-            validate_event(o, received_at=now, workspace_id="default")
+            validate_event("default", o, now)
         return n
 
     def loop_key() -> int:

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from hashlib import blake2b
 from itertools import islice
+from typing import NamedTuple
 
 import orjson
 
@@ -55,16 +56,19 @@ class Problem:
         return {"code": self.code, "message": self.message, "field": self.field}
 
 
-@dataclass(slots=True)
-class Normalised:
+class Normalised(NamedTuple):
     """An accepted write, plus what was left out of it on the way (for metrics/logs).
 
-    Not frozen: a frozen dataclass sets each field through object.__setattr__, ~200 ns
-    more per event (bench/stages.py), and nothing keeps or hashes a Normalised."""
+    A tuple, built with _new_normalised (tuple.__new__, in C): a dataclass's or
+    NamedTuple's own constructor is a Python frame, ~100 ns more per event
+    (bench/stages.py), and nothing keeps a Normalised."""
 
     event: Event
     dropped_metadata_keys: tuple[str, ...] = ()
     unknown_fields: tuple[str, ...] = ()
+
+
+_new_normalised = tuple.__new__
 
 
 # --- parsing -------------------------------------------------------------------------
@@ -103,13 +107,6 @@ def parse_ndjson(body: bytes) -> list[object | Problem]:
 def error_body(problems: Sequence[Problem]) -> bytes:
     """Intercom's error list: {"type": "error.list", "errors": [{code, message, field}]}."""
     return orjson.dumps({"type": "error.list", "errors": [p.as_error() for p in problems]})
-
-
-def _exact(body: bytes) -> bytes:
-    """An exact-size copy of an orjson result. orjson's bytes sit in a ~4 KB allocation
-    (its write buffer, shrunk in place), so a queue of 100,000 bodies held ~400 MB of
-    resident memory instead of ~35 MB; the copy costs ~100 ns (bench/memory.py --rss)."""
-    return bytes(memoryview(body))
 
 
 # --- dedup key -----------------------------------------------------------------------
@@ -356,9 +353,13 @@ def _metadata_object(key: str, v: dict, problems: list[Problem]) -> None:
 
 
 def validate_event(
-    obj: object, received_at: float, *, workspace_id: str
+    workspace_id: str, obj: object, received_at: float
 ) -> Normalised | list[Problem]:
     """One data event for POST /events, checked and normalised; all problems collected.
+
+    workspace_id comes first so that intake binds it with functools.partial(validate_event,
+    workspace_id): a partial with only positional arguments is called through vectorcall,
+    one with a keyword builds a kwargs dict per call (~100 ns more per event).
 
     The body carries only event_name, created_at, user_id, email, id and metadata, in
     that order and only when present. A missing created_at is stamped with received_at.
@@ -429,10 +430,11 @@ def validate_event(
         out["id"] = contact_id
     if md:
         out["metadata"] = md
-    return Normalised(
+    return _new_normalised(Normalised, (
         # positional: keyword arguments cost ~150 ns more per event
         Event(
-            bytes(memoryview(orjson.dumps(out))),  # _exact(), written out (per-event path)
+            # orjson's bytes as they come (in a ~4 KB buffer): the queue keeps an exact copy
+            orjson.dumps(out),
             event_key(workspace_id, kind, identity, name, created_at),
             _EVENTS,
             0,
@@ -440,7 +442,7 @@ def validate_event(
         ),
         dropped,
         () if obj.keys() <= _EVENT_FIELDS else _unknown(obj, _EVENT_FIELDS),
-    )
+    ))
 
 
 # --- POST /events/summaries ----------------------------------------------------------
@@ -513,7 +515,7 @@ def validate_summaries(obj: object, received_at: float) -> Normalised | list[Pro
         return problems
     return Normalised(
         Event(
-            body=_exact(orjson.dumps({"user_id": user_id, "event_summaries": out_summary})),
+            body=orjson.dumps({"user_id": user_id, "event_summaries": out_summary}),
             key=b"",
             route=Route.SUMMARIES,
             first_received_at=received_at,

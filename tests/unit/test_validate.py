@@ -26,7 +26,7 @@ WS = "ws-1"
 
 
 def validate(obj: object) -> Normalised | list[Problem]:
-    return validate_event(obj, received_at=RECEIVED_AT, workspace_id=WS)
+    return validate_event(WS, obj, RECEIVED_AT)
 
 
 def accepted(obj: object) -> Normalised:
@@ -489,7 +489,7 @@ def test_event_routes_to_events_with_received_time_and_dedup_key() -> None:
 
 
 def key_of(obj: dict, workspace_id: str = WS, received_at: float = RECEIVED_AT) -> bytes:
-    result = validate_event(obj, received_at=received_at, workspace_id=workspace_id)
+    result = validate_event(workspace_id, obj, received_at)
     assert isinstance(result, Normalised), result
     return result.event.key
 
