@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/ab_intake.py baf343d HEAD                 # asyncio, ~1 minute
     .venv/bin/python bench/ab_intake.py HEAD~1 HEAD --loop uvloop --rounds 8
+    .venv/bin/python bench/ab_intake.py HEAD~1 HEAD --mode batch     # POST /events/batch
 
 Why co-scheduled: on this shared machine the speed of a core drifts by 15-25% over
 seconds, so two daemons measured one after the other differ by that much on noise alone.
@@ -65,9 +66,19 @@ def main() -> None:
     p.add_argument("--seconds", type=int, default=4)
     p.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     p.add_argument("--forwarding", choices=("on", "off"), default="on")
+    p.add_argument("--mode", choices=("single", "batch"), default="single",
+                   help="batch: POST /events/batch, 100 events a request")
     args = p.parse_args()
     os.sched_setaffinity(0, {int(ri.CLIENT_CPU)})
     python = str(ri.ROOT / ".venv" / "bin" / "python")
+    if args.mode == "batch":
+        path, per_request = "/events/batch", 100
+        def wrk_args(offset: int) -> list[str]:
+            return ["batch", str(offset), str(per_request)]
+    else:
+        path, per_request = "/events", 1
+        def wrk_args(offset: int) -> list[str]:
+            return ["single", str(offset)]
     with tempfile.TemporaryDirectory(prefix="bench-ab-") as tmp:
         workdir = Path(tmp)
         trees = {"A": worktree(args.ref_a, workdir / "a"), "B": worktree(args.ref_b, workdir / "b")}
@@ -90,8 +101,8 @@ def main() -> None:
                     offset += ri.OFFSET_STEP
                     runs[side] = subprocess.Popen(
                         [*ri.pin(ri.CLIENT_CPU), "wrk", "-t1", "-c32", f"-d{args.seconds}s",
-                         "-s", str(ri.LUA), f"http://127.0.0.1:{ports[side]}/events", "--",
-                         "single", str(offset)], stdout=subprocess.PIPE, text=True)
+                         "-s", str(ri.LUA), f"http://127.0.0.1:{ports[side]}{path}", "--",
+                         *wrk_args(offset)], stdout=subprocess.PIPE, text=True)
                 out = {s: pr.communicate()[0] for s, pr in runs.items()}
                 c1 = {s: ri.cpu_seconds(pr.pid) for s, pr in procs.items()}
                 n = {s: int(re.search(r"(\d+) requests in", o).group(1)) for s, o in out.items()}
@@ -102,8 +113,9 @@ def main() -> None:
                 us = {s: (c1[s] - c0[s]) / n[s] * 1e6 for s in n}
                 ratios.append(n["B"] / n["A"])
                 cpu_ratios.append(us["A"] / us["B"])
-                print(f"  round {r}: A {n['A'] / args.seconds:8,.0f} rps {us['A']:6.1f} cpu-µs  "
-                      f"B {n['B'] / args.seconds:8,.0f} rps {us['B']:6.1f} cpu-µs  "
+                rate = {s: n[s] * per_request / args.seconds for s in n}
+                print(f"  round {r}: A {rate['A']:8,.0f} events/s {us['A']:6.1f} cpu-µs/req  "
+                      f"B {rate['B']:8,.0f} events/s {us['B']:6.1f} cpu-µs/req  "
                       f"B/A {ratios[-1]:.3f}", flush=True)
         finally:
             for pr in procs.values():
@@ -115,7 +127,8 @@ def main() -> None:
             for tree in trees.values():
                 subprocess.run(["git", "-C", str(ri.ROOT), "worktree", "remove", "--force",
                                 str(tree)], check=False, capture_output=True)
-    print(f"{args.ref_b} / {args.ref_a}, {args.loop}, forwarding {args.forwarding}: "
+    print(f"{args.ref_b} / {args.ref_a}, {args.mode}, {args.loop}, "
+          f"forwarding {args.forwarding}: "
           f"requests/s {statistics.median(ratios):.3f} (range {min(ratios):.3f}-"
           f"{max(ratios):.3f}), CPU per request {statistics.median(cpu_ratios):.3f}, "
           f"median of {args.rounds} rounds")
