@@ -124,17 +124,19 @@ def event_key(
     and email "a@b.c" never collide. The parts are JSON-encoded, which is unambiguous
     whatever characters they contain (a plain separator is not: "a\\0b"+"c" = "a"+"b\\0c").
     """
-    prefix = _key_prefixes.get(workspace_id)
-    if prefix is None:
-        # blake2b(digest_size=...) costs ~150 ns of keyword parsing per call; copying a
-        # hasher already fed with the workspace is cheaper. Workspaces come from config,
-        # so this holds one or two entries; the cap only guards against misuse.
-        if len(_key_prefixes) >= 64:
-            _key_prefixes.clear()
-        prefix = _key_prefixes[workspace_id] = blake2b(orjson.dumps(workspace_id), digest_size=16)
-    h = prefix.copy()
+    h = (_key_prefixes.get(workspace_id) or _key_prefix(workspace_id)).copy()
     h.update(orjson.dumps((identity_kind, identity, event_name, created_at)))
     return h.digest()
+
+
+def _key_prefix(workspace_id: str) -> blake2b:
+    """A hasher already fed with the workspace: copying it is cheaper than blake2b(...,
+    digest_size=16), whose keyword parsing costs ~150 ns per call. Workspaces come from
+    config, so the cache holds one or two entries; the cap only guards against misuse."""
+    if len(_key_prefixes) >= 64:
+        _key_prefixes.clear()
+    prefix = _key_prefixes[workspace_id] = blake2b(orjson.dumps(workspace_id), digest_size=16)
+    return prefix
 
 
 # --- shared field rules --------------------------------------------------------------
@@ -430,12 +432,16 @@ def validate_event(
         out["id"] = contact_id
     if md:
         out["metadata"] = md
+    # event_key(workspace_id, kind, identity, name, created_at), written out: the call
+    # frame was ~40% of its cost (597 vs 358 ns, timeit). test_validate checks they agree.
+    h = (_key_prefixes.get(workspace_id) or _key_prefix(workspace_id)).copy()
+    h.update(orjson.dumps((kind, identity, name, created_at)))
     return _new_normalised(Normalised, (
         # positional: keyword arguments cost ~150 ns more per event
         Event(
             # orjson's bytes as they come (in a ~4 KB buffer): the queue keeps an exact copy
             orjson.dumps(out),
-            event_key(workspace_id, kind, identity, name, created_at),
+            h.digest(),
             _EVENTS,
             0,
             received_at,

@@ -570,6 +570,17 @@ def test_key_parts_cannot_run_into_each_other(a: tuple, b: tuple) -> None:
     assert event_key(*a) != event_key(*b)
 
 
+@pytest.mark.parametrize("identity", [{"user_id": "u-1"}, {"email": "a@b.c"}, {"id": "6f1"}])
+@pytest.mark.parametrize("workspace_id", [WS, "another-workspace"])
+def test_validate_keys_events_exactly_as_event_key_does(identity: dict,
+                                                        workspace_id: str) -> None:
+    """validate_event writes event_key out inline (hot path): they must never drift."""
+    ((kind, value),) = identity.items()
+    obj = {"event_name": "Signed.Up", "created_at": 1700000000, **identity}
+    assert key_of(obj, workspace_id) == event_key(workspace_id, kind, value, "signed-up",
+                                                  1700000000)
+
+
 def test_key_is_a_16_byte_digest() -> None:
     assert len(event_key(WS, "user_id", "1", "x", 1)) == 16
 
