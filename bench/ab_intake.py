@@ -4,6 +4,7 @@
     .venv/bin/python bench/ab_intake.py baf343d HEAD                 # asyncio, ~1 minute
     .venv/bin/python bench/ab_intake.py HEAD~1 HEAD --loop uvloop --rounds 8
     .venv/bin/python bench/ab_intake.py HEAD~1 HEAD --mode batch     # POST /events/batch
+    .venv/bin/python bench/ab_intake.py HEAD HEAD --loop-b uvloop    # does uvloop pay?
 
 Why co-scheduled: on this shared machine the speed of a core drifts by 15-25% over
 seconds, so two daemons measured one after the other differ by that much on noise alone.
@@ -65,6 +66,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=6, help="even: the wrk start order alternates")
     p.add_argument("--seconds", type=int, default=4)
     p.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    p.add_argument("--loop-b", choices=("asyncio", "uvloop"),
+                   help="B's loop, when it differs from A's (--loop): HEAD HEAD --loop-b "
+                        "uvloop asks whether uvloop pays")
     p.add_argument("--forwarding", choices=("on", "off"), default="on")
     p.add_argument("--mode", choices=("single", "batch"), default="single",
                    help="batch: POST /events/batch, 100 events a request")
@@ -91,7 +95,8 @@ def main() -> None:
                 config = workdir / f"{side}.toml"
                 ri.daemon_config(config, port, sink_port, workdir / f"state-{side}", 4_000_000,
                                  ri.FORWARDING_OFF if args.forwarding == "off" else "")
-                procs[side] = start(tree, args.loop, config, port, workdir)
+                loop = args.loop_b if side == "B" and args.loop_b else args.loop
+                procs[side] = start(tree, loop, config, port, workdir)
             ratios, cpu_ratios = [], []
             offset = 0
             for r in range(args.rounds + 1):  # round 0 warms both up
@@ -127,7 +132,8 @@ def main() -> None:
             for tree in trees.values():
                 subprocess.run(["git", "-C", str(ri.ROOT), "worktree", "remove", "--force",
                                 str(tree)], check=False, capture_output=True)
-    print(f"{args.ref_b} / {args.ref_a}, {args.mode}, {args.loop}, "
+    loops = f"{args.loop_b} / {args.loop}" if args.loop_b else args.loop
+    print(f"{args.ref_b} / {args.ref_a}, {args.mode}, {loops}, "
           f"forwarding {args.forwarding}: "
           f"requests/s {statistics.median(ratios):.3f} (range {min(ratios):.3f}-"
           f"{max(ratios):.3f}), CPU per request {statistics.median(cpu_ratios):.3f}, "

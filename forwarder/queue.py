@@ -20,7 +20,7 @@ attempts, route, key length) followed by the key and the body, not an Event.
 - One allocation per event instead of four (Event or tuple, key, float, body), and it is
   also the exact-size copy of orjson's output, whose bytes sit in a ~4 KB allocation
   (its write buffer, shrunk in place): kept as-is, a queue of 100,000 bodies held ~400 MB
-  of resident memory instead of ~40 MB (bench/memory.py --rss).
+  of resident memory instead of ~45 MB (bench/memory.py, its RSS line).
 - An Event is rebuilt (~0.4 us, slicing out key and body) when taken.
 
 Cancellation: an event leaves the queue only in the synchronous step that returns it, so
