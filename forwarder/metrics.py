@@ -128,6 +128,12 @@ class Metrics:
             "1 while forwarding is paused because Intercom refused the token (401/403)",
             registry=r,
         )
+        self.proxy_reads = Counter(
+            f"{PREFIX}_proxy_reads",
+            "GET /events reads served through the daemon, by the status it answered",
+            ["status"],
+            registry=r,
+        )
         self.spool_loaded = Gauge(
             f"{PREFIX}_spool_loaded_events",
             "Events reloaded from the spool when the daemon started",

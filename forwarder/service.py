@@ -76,7 +76,8 @@ class Service:
                                concurrency=config.workers.concurrency, rng=self._rng,
                                on_dead_letter=self._forget_key)
         # GET /events: reads share the workers' rate gate and client (ahead of writes).
-        self.proxy = EventsProxy(gate=self.gate, upstream=self.upstream, readiness=self)
+        self.proxy = EventsProxy(gate=self.gate, upstream=self.upstream, readiness=self,
+                                 metrics=self.metrics)
         self.intake = Intake(queue=self.queue, dedup=self.dedup, metrics=self.metrics,
                              clock=self.clock, readiness=self,
                              workspace_id=config.intercom.workspace_id,

@@ -28,6 +28,7 @@ import structlog
 from aiohttp import web
 from multidict import MultiDictProxy
 
+from ..metrics import Metrics
 from ..upstream import NETWORK_ERRORS, RateHeaders, classify
 from ..validate import NOT_FOUND, Problem, error_body
 from .routes import Routes, error_response
@@ -106,15 +107,24 @@ class EventsProxy:
     """Serves GET /events from Intercom; never spends budget on a query it can refuse itself,
     and pairs every gate.acquire() with exactly one release()."""
 
-    def __init__(self, *, gate: ReadGate, upstream: Reader, readiness: Accepting):
+    def __init__(self, *, gate: ReadGate, upstream: Reader, readiness: Accepting,
+                 metrics: Metrics):
         self._gate = gate
         self._upstream = upstream
         self._readiness = readiness
+        self._reads = metrics.proxy_reads
 
     def add_routes(self, routes: Routes) -> None:
         routes.add("GET", PATH, self.get_events)
 
     async def get_events(self, request: web.BaseRequest) -> web.StreamResponse:
+        response = await self._answer(request)
+        # Every answer counts, refused queries included: a read spends Intercom budget
+        # that the workers then do not have, so an operator must be able to see them.
+        self._reads.labels(str(response.status)).inc()
+        return response
+
+    async def _answer(self, request: web.BaseRequest) -> web.StreamResponse:
         problems = check_query(request.query)
         if problems:
             return web.Response(status=400, body=error_body(problems), content_type=JSON)

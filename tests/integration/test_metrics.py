@@ -132,11 +132,52 @@ async def test_metadata_keys_beyond_ten_are_counted_as_dropped(make_service, clo
     assert (await scrape(svc))("metadata_keys_dropped_total") == 3
 
 
+async def test_dropped_keys_and_fields_count_on_every_submission_duplicates_too(
+        make_service, clock):
+    """docs/metrics.md: counted on each submission, duplicates and 503'd ones included
+    (the app sent them each time). Steps: one event with 12 metadata keys and an unknown
+    field, sent alone, again (a duplicate), then in a batch with a fresh copy."""
+    svc = await make_service(clock=clock)
+    metadata = {f"k{i}": i for i in range(12)}
+    assert await post(svc, event(0, metadata=metadata, colour="red")) == 202
+    assert await post(svc, event(0, metadata=metadata, colour="red")) == 202
+    assert await post(svc, [event(0, metadata=metadata, colour="red"),
+                            event(1, metadata=metadata, colour="red")], "/events/batch") == 202
+    m = await scrape(svc)
+    assert m("events_received_total", outcome="duplicate") == 2
+    assert m("metadata_keys_dropped_total") == 8
+    assert m("unknown_fields_dropped_total") == 4
+
+
 async def test_unknown_top_level_fields_are_counted_as_dropped(make_service, clock):
     svc = await make_service(clock=clock)
     assert await post(svc, event(0, colour="red", size=3)) == 202
     assert await post(svc, event(1, colour="blue")) == 202
     assert (await scrape(svc))("unknown_fields_dropped_total") == 3
+
+
+async def test_reads_through_the_proxy_count_by_the_status_the_app_got(make_service, clock):
+    """Steps: a listing Intercom answers 200, one Intercom refuses (the token no longer
+    works: 401), and a query the daemon refuses itself (400). Expect: proxy_reads_total
+    200, 401 and 400 once each; no write metric moves (reads are not events)."""
+    fake = FakeIntercom(token=TOKEN)
+    await fake.start()
+    try:
+        svc = await make_service(clock=clock, upstream_url=fake.url)
+        async with aiohttp.ClientSession() as s:
+            async with s.get(svc.url + "/events?type=user&user_id=u1") as r:
+                assert r.status == 200
+            fake.token = "rotated"
+            async with s.get(svc.url + "/events?type=user&user_id=u1") as r:
+                assert r.status == 401
+            async with s.get(svc.url + "/events?type=lead&user_id=u1") as r:
+                assert r.status == 400
+    finally:
+        await fake.stop()
+    m = await scrape(svc)
+    assert [m("proxy_reads_total", status=code) for code in ("200", "401", "400")] == [1, 1, 1]
+    assert m("events_received_total", outcome="accepted") == 0
+    assert m("upstream_requests_total", status="200") == 0
 
 
 # -- forwarding -----------------------------------------------------------------------
