@@ -25,6 +25,10 @@ from forwarder.files import replace_atomically
 log = structlog.get_logger(__name__)
 
 _FIELDS = ("route", "attempts", "first_received_at", "key", "body")
+# What the queue's packed header can hold (queue._HEAD); the daemon writes 16-byte keys and
+# attempts up to retry.max_attempts, so anything larger was not written by it.
+MAX_ATTEMPTS = 2**32 - 1
+MAX_KEY_BYTES = 2**16 - 1
 _BODY_SEP = b',"body":'
 
 
@@ -98,7 +102,8 @@ def _parse_line(line: bytes) -> Event | None:
         body_obj = obj["body"]
     except (orjson.JSONDecodeError, TypeError, KeyError, ValueError):
         return None
-    if type(attempts) is not int or attempts < 0 or type(received) not in (int, float):
+    if type(attempts) is not int or not 0 <= attempts <= MAX_ATTEMPTS \
+            or type(received) not in (int, float) or len(key) > MAX_KEY_BYTES:
         return None
     if tuple(obj) == _FIELDS and line.endswith(b"}"):
         # Every field before the body is a scalar and JSON strings cannot hold an

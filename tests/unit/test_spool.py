@@ -6,7 +6,9 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
+from forwarder.clock import FakeClock
 from forwarder.event import Event, Route
+from forwarder.queue import EventQueue
 from forwarder.spool import Spool
 
 # Bodies as validate would produce them (orjson output), plus awkward ones: a float that
@@ -95,15 +97,22 @@ def test_a_corrupt_line_is_skipped_counted_and_logged(spool):
         + b'{"route":"/events","attempts":"2","first_received_at":1,"key":"00","body":{}}\n'
         + b'{"route":"/events","attempts":0,"first_received_at":1,"key":"zz","body":{}}\n'
         + b"[1,2]\n"
+        # beyond what the queue's packed header holds (the daemon never writes these)
+        + b'{"route":"/events","attempts":4294967296,"first_received_at":1,"key":"00","body":{}}\n'
+        + b'{"route":"/events","attempts":0,"first_received_at":1,"key":"' + b"ab" * 65536
+        + b'","body":{}}\n'
         + good[1]
     )
     with capture_logs() as logs:
         loaded = spool.load()
     assert [e.body for e in loaded] == BODIES[:2]
     [entry] = [e for e in logs if e["event"] == "spool.corrupt_lines"]
-    assert entry["skipped"] == 5
-    assert entry["lines"] == [2, 3, 4, 5, 6]
+    assert entry["skipped"] == 7
+    assert entry["lines"] == [2, 3, 4, 5, 6, 7, 8]
     assert entry["loaded"] == 2
+    queue = EventQueue(10, FakeClock())
+    queue.restore(loaded)  # what the service does with them at start
+    assert len(queue) == 2
 
 
 def test_a_line_written_with_other_field_order_still_loads(spool):
