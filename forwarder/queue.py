@@ -47,6 +47,10 @@ _EVENTS = Route.EVENTS  # index 0; compared by identity, since hashing an Enum r
 
 # Header of a packed event: first_received_at, due, attempts, route index, key length.
 _HEAD = struct.Struct("<ddIBH")
+# The largest attempts and key length the header holds ("I", "H"); the spool refuses
+# lines beyond them rather than let restore() fail at start.
+MAX_ATTEMPTS = 2**32 - 1
+MAX_KEY_BYTES = 2**16 - 1
 _head = _HEAD.pack
 _HEAD_SIZE = _HEAD.size
 _join = b"".join
@@ -101,12 +105,7 @@ class EventQueue:
         ready = self._ready
         if len(ready) + len(self._delayed) >= self._max_events:
             return False
-        # _pack, written out: offer() is on the intake's per-event path.
-        key = event.key
-        ready.append(_join((_head(event.first_received_at, event.due, event.attempts,
-                                  0 if event.route is _EVENTS else _ROUTE_INDEX[event.route],
-                                  len(key)),
-                            key, event.body)))
+        ready.append(_pack(event))
         if self._getters:
             self._wake_one()
         return True

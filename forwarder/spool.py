@@ -21,14 +21,13 @@ import structlog
 
 from forwarder.event import Event, Route
 from forwarder.files import replace_atomically
+from forwarder.queue import MAX_ATTEMPTS, MAX_KEY_BYTES
 
 log = structlog.get_logger(__name__)
 
 _FIELDS = ("route", "attempts", "first_received_at", "key", "body")
-# What the queue's packed header can hold (queue._HEAD); the daemon writes 16-byte keys and
-# attempts up to retry.max_attempts, so anything larger was not written by it.
-MAX_ATTEMPTS = 2**32 - 1
-MAX_KEY_BYTES = 2**16 - 1
+# Lines past MAX_ATTEMPTS / MAX_KEY_BYTES (what the queue's packed header holds) were not
+# written by the daemon (16-byte keys, attempts up to retry.max_attempts): corrupt.
 _BODY_SEP = b',"body":'
 
 

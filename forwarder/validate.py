@@ -61,7 +61,7 @@ class Normalised(NamedTuple):
 
     A tuple, built with _new_normalised (tuple.__new__, in C): a dataclass's or
     NamedTuple's own constructor is a Python frame, ~100 ns more per event
-    (bench/stages.py), and nothing keeps a Normalised."""
+    (timeit), and nothing keeps a Normalised."""
 
     event: Event
     dropped_metadata_keys: tuple[str, ...] = ()

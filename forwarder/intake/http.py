@@ -150,8 +150,6 @@ class Intake:
             if result.__class__ is list:
                 self._count_rejected.inc()
                 return _problems(result)
-            if result.dropped_metadata_keys or result.unknown_fields:
-                self._report_dropped(result)
             admission = self._admit(result)
             if admission is _ACCEPTED:
                 self._count_accepted.value += 1
@@ -209,9 +207,11 @@ class Intake:
                       field="body")
 
     def _admit(self, normalised: Normalised) -> Admission:
-        """Dedup, then queue. Counting is the caller's, so a batch counts once; so is
-        reporting what validation left out, which counts for every valid submission
-        (a duplicate or a 503'd event had its keys cut off too)."""
+        """Report what validation left out, then dedup, then queue. Counting the outcome
+        is the caller's, so a batch counts once. The report counts for every valid submission
+        (a duplicate or a 503'd event had its keys cut off too), so it comes first."""
+        if normalised.dropped_metadata_keys or normalised.unknown_fields:
+            self._report_dropped(normalised)
         event = normalised.event
         key = event.key
         if key and not self._dedup.add_if_absent(key):
@@ -266,8 +266,6 @@ class Intake:
             if result.__class__ is list:
                 rejected.append({"index": index, "errors": [p.as_error() for p in result]})
                 continue
-            if result.dropped_metadata_keys or result.unknown_fields:
-                self._report_dropped(result)
             admission = admit(result)
             if admission is _ACCEPTED:
                 accepted += 1
