@@ -86,6 +86,7 @@ class EventQueue:
         self._getters: deque[asyncio.Future[None]] = deque()  # parked take() calls
         self._timekeeper: asyncio.Future[None] | None = None
         self._timer_due = math.inf
+        self._closed = False
 
     def __len__(self) -> int:
         return len(self._ready) + len(self._delayed)
@@ -100,10 +101,21 @@ class EventQueue:
         """Events in the delay heap, waiting for their retry time."""
         return len(self._delayed)
 
+    @property
+    def closed(self) -> bool:
+        """True once close() ran: offer() refuses everything from then on."""
+        return self._closed
+
+    def close(self) -> None:
+        """Refuse every later offer(). The stop path closes the queue before it takes
+        everything for the spool, so nothing offered afterwards can miss the spool.
+        Retries, requeues and take() still work: events already accepted stay in."""
+        self._closed = True
+
     def offer(self, event: Event) -> bool:
-        """Queue a newly accepted event; False (and nothing queued) when full."""
+        """Queue a newly accepted event; False (and nothing queued) when full or closed."""
         ready = self._ready
-        if len(ready) + len(self._delayed) >= self._max_events:
+        if len(ready) + len(self._delayed) >= self._max_events or self._closed:
             return False
         ready.append(_pack(event))
         if self._getters:

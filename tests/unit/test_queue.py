@@ -64,6 +64,19 @@ def test_accepted_events_go_back_in_even_when_full(clock):
 # -- order ----------------------------------------------------------------------------
 
 
+async def test_a_closed_queue_refuses_offers_but_keeps_what_it_holds(clock):
+    """The stop path closes the queue before take_all(): an offer after that must fail
+    (the intake answers 503), while retries and requeues of accepted events still go in."""
+    queue = EventQueue(10, clock)
+    assert queue.offer(ev(1))
+    queue.close()
+    assert queue.closed
+    assert not queue.offer(ev(2))
+    queue.requeue_front(ev(3))
+    queue.retry_later(ev(4), 5.0)
+    assert names(queue.take_all()) == [b'{"n":3}', b'{"n":1}', b'{"n":4}']
+
+
 async def test_take_returns_events_in_offer_order(clock):
     queue = EventQueue(10, clock)
     for n in range(3):
