@@ -30,6 +30,13 @@ def replace_atomically(path: Path, data: bytes,
     fsync_dir(directory)
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until all of data is written (the kernel may take a write in parts)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def fsync_dir(directory: Path) -> None:
     """Make a rename or a new file in directory durable."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
