@@ -102,6 +102,11 @@ class EventQueue:
         return len(self._delayed)
 
     @property
+    def next_due(self) -> float | None:
+        """Monotonic time the earliest waiting retry is due; None when none waits."""
+        return self._delayed[0][0] if self._delayed else None
+
+    @property
     def closed(self) -> bool:
         """True once close() ran: offer() refuses everything from then on."""
         return self._closed

@@ -2,9 +2,11 @@
 that starts or stops anything.
 
 Start: reload the spool into the queue, start the upstream client and the workers, open
-the intake, report ready (READY=1 to systemd). Stop, in reverse: refuse new events (503),
-drain for up to shutdown.drain_seconds, stop the workers (sends on the wire get a short
-grace), write every unsent event to the spool, close connections and listeners.
+the intake, report ready (READY=1 to systemd). Stop, in reverse: close the intake (the
+queue refuses offers, so a request still reading its body gets 503; then the listeners
+close), drain for up to shutdown.drain_seconds, stop the workers (sends on the wire get a
+short grace), write every unsent event to the spool (what a full disk refuses is logged
+with its count), close connections. stop() is idempotent and cancel-safe.
 A signal handler only sets a flag; a second SIGTERM/SIGINT skips the drain.
 """
 
@@ -32,13 +34,15 @@ from .metrics import Metrics
 from .notify import SystemdNotifier
 from .queue import EventQueue
 from .ratelimit import RateGate
-from .spool import Spool
+from .spool import Spool, SpoolWriteError
 from .upstream import UpstreamClient
 from .workers import Workers
 
 log = structlog.get_logger("forwarder.service")
 
-STOP_GRACE_S = 0.5  # in-flight sends after the drain; Intercom dedups a resend anyway
+# In-flight sends after the drain. An event cut off after this is resent after the restart
+# (Intercom dedups it by key); a summary is dead-lettered instead (workers.py says why).
+STOP_GRACE_S = 0.5
 
 
 class Service:
@@ -93,7 +97,8 @@ class Service:
         self._accepting = False
         self._started = False
         self._spool_loaded = False  # until then the spool on disk is the only copy
-        self._stopped = False
+        self._stop_task: asyncio.Task[None] | None = None
+        self._spooled = False
         self._stop_requested = asyncio.Event()
         self._force = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -146,36 +151,74 @@ class Service:
                  workers=self.config.workers.concurrency)
 
     async def stop(self) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
+        """Stop everything; idempotent and cancel-safe. The stop runs in a task of its own:
+        cancelling a caller does not cancel the stop half-way (which would leave accepted
+        events unspooled and workers running), and every caller waits for the same one."""
+        task = self._stop_task
+        if task is None or (task.done() and task.cancelled()):
+            task = self._stop_task = asyncio.create_task(self._stop(), name="forwarder-stop")
+        await asyncio.shield(task)
+
+    async def _stop(self) -> None:
+        # 1. The intake first: new requests, and any still reading their body, get 503
+        #    (a closed queue refuses every offer); then the listeners close, so nothing is
+        #    answered 202 after the queue is taken for the spool.
         self._accepting = False
+        self.queue.close()
         if self._notifier is not None:
             self._notifier.stopping()
-        # A start that failed half-way has nothing draining: go straight to the spool.
-        # drain_seconds is the whole budget before the spool is written: the grace for
-        # sends on the wire comes out of it, so exit stays within drain_seconds + the
-        # spool write (~0.08 s per 10,000 events) however the time is spent.
+        # A step that fails must not keep the later ones (the spool above all) from running.
+        try:
+            await self.listener.close()
+        except Exception as exc:
+            log.error("service.stop_step_failed", step="intake.close", error=repr(exc))
+        # 2. Drain, then stop the workers. drain_seconds is the whole budget before the
+        #    spool is written: the grace for sends on the wire comes out of it, so exit
+        #    stays within drain_seconds + the spool write (~0.08 s per 10,000 events).
+        #    A start that failed half-way has nothing draining (and logs no drain).
         grace_s = min(STOP_GRACE_S, self.config.shutdown.drain_seconds)
         drain_s = self.config.shutdown.drain_seconds - grace_s
+        drained = False
         if self._force.is_set() or not self._started:
             drain_s = grace_s = 0.0
-        drained = await self.workers.drain(drain_s, self._force)
+        if self._started:
+            drained = await self.workers.drain(drain_s, self._force)
         await self.workers.stop(grace_s=grace_s)
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await _reap(self._tasks)
         self._tasks.clear()
+        if self.workers.crashed is not None:
+            self.exit_code = 1
+        # 3. Every unsent event to the spool. A start that failed before reloading the
+        #    spool must not overwrite (or, with nothing queued, delete) the previous run's
+        #    spool: it holds accepted events.
+        written = 0
+        if self._spool_loaded and not self._spooled:
+            written = self._write_spool()
+            self._spooled = True  # a repeated stop must not replace it with an empty one
+        # 4. Connections and files last.
+        try:
+            await self.upstream.close()
+        finally:
+            self.dead_letters.close()
+        if self._started:
+            log.info("spool.written" if written else "service.drained", events=written,
+                     drained=drained)
+            log.info("service.stopped", spooled=written)
+        elif written:
+            log.info("spool.written", events=written, drained=False)
+
+    def _write_spool(self) -> int:
         left = self.queue.take_all()
-        # A start that failed before reloading the spool must not overwrite (or, with
-        # nothing queued, delete) the previous run's spool: it holds accepted events.
-        written = self.spool.write(left) if self._spool_loaded else 0
-        log.info("spool.written" if written else "service.drained", events=written,
-                 drained=drained)
-        await self.upstream.close()
-        await self.listener.close()
-        self.dead_letters.close()
-        log.info("service.stopped", spooled=written)
+        try:
+            return self.spool.write(left)
+        except SpoolWriteError as exc:
+            # Nothing answered 202 may vanish quietly: the loss is logged with its count.
+            log.error("spool.write_failed", path=str(self.spool.path), written=exc.written,
+                      lost=exc.lost, reason=exc.reason)
+            self.exit_code = 1
+            return exc.written
 
     async def __aenter__(self) -> Self:
         try:
@@ -259,3 +302,11 @@ class Service:
             self._notifier.watchdog()
             await self.clock.sleep(interval_s)
 
+
+async def _reap(tasks: list[asyncio.Task[None]]) -> None:
+    """Await cancelled or finished tasks; log any that failed instead of discarding it."""
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    for task, result in zip(tasks, results):
+        if isinstance(result, Exception):
+            log.error("service.task_failed", task=task.get_name(), error=repr(result),
+                      exc_info=result)

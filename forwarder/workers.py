@@ -21,7 +21,7 @@ import structlog
 
 from .clock import Clock
 from .config import RetryConfig
-from .event import Event
+from .event import Event, Route
 from .logs import LogThrottle
 from .metrics import Metrics
 from .upstream import Outcome, Verdict
@@ -33,6 +33,9 @@ log = structlog.get_logger("forwarder.workers")
 
 AUTH_PROBE_INTERVAL_S = 30.0
 AUTH_LOG_INTERVAL_S = 60.0
+# The dead-letter reason of a summary whose answer never came back before the stop's
+# grace: it may or may not have been counted by Intercom (see Workers._settle_cut_off).
+UNKNOWN_OUTCOME = "unknown_outcome"
 
 
 class _State(enum.Enum):
@@ -48,6 +51,12 @@ class EventSource(Protocol):
 
     def requeue_front(self, event: Event) -> None: ...
 
+    @property
+    def ready(self) -> int: ...
+
+    @property
+    def next_due(self) -> float | None: ...
+
     def __len__(self) -> int: ...
 
 
@@ -58,6 +67,9 @@ class Gate(Protocol):
                 ) -> None: ...
 
     def hold_for(self, seconds: float) -> None: ...
+
+    @property
+    def held_until(self) -> float | None: ...
 
 
 class Sender(Protocol):
@@ -107,6 +119,7 @@ class Workers:
         self._in_flight = 0
         self._stopping = False
         self._paused_event: Event | None = None  # the event that found the token refused
+        self._cut_off: list[Event] = []  # summaries cut off on the wire at stop
         self._auth_log = LogThrottle(clock, AUTH_LOG_INTERVAL_S)
         self._dead_log = LogThrottle(clock, 10.0)
         fwd = metrics.events_forwarded
@@ -133,22 +146,29 @@ class Workers:
         return self._in_flight
 
     async def drain(self, seconds: float, abort: asyncio.Event | None = None) -> bool:
-        """Keep sending until nothing is queued or in flight, the time is spent, forwarding is
-        paused (nothing could drain), or abort is set. True when fully drained."""
+        """Keep sending until nothing is queued or in flight, or until nothing more can be
+        sent before the deadline (the time is spent, forwarding is paused, the rate gate
+        holds past the deadline, or only retries due after it are left), or abort is set.
+        True when fully drained."""
         deadline = self._clock.monotonic() + seconds
         log.info("service.drain_started", queued=len(self._queue), in_flight=self._in_flight,
                  drain_seconds=seconds)
         while True:
             # A worker waiting on the rate gate holds an event that is in neither the
             # queue nor in flight: drained means no worker holds one either.
-            if len(self._queue) == 0 and all(s is _State.IDLE for s in self._states):
+            idle = all(s is _State.IDLE for s in self._states)
+            if len(self._queue) == 0 and idle:
                 return True
-            remaining = deadline - self._clock.monotonic()
-            if remaining <= 0 or self.paused or (abort is not None and abort.is_set()):
+            now = self._clock.monotonic()
+            if now >= deadline or self.paused or (abort is not None and abort.is_set()):
+                return False
+            if self._nothing_sendable_before(deadline, idle):
+                log.info("service.drain_cut_short", queued=len(self._queue),
+                         seconds_left=round(deadline - now, 3))
                 return False
             self._changed.clear()
             waiters = [asyncio.ensure_future(self._changed.wait()),
-                       asyncio.ensure_future(self._clock.sleep(min(remaining, 0.05)))]
+                       asyncio.ensure_future(self._clock.sleep(min(deadline - now, 0.05)))]
             if abort is not None:
                 waiters.append(asyncio.ensure_future(abort.wait()))
             try:
@@ -158,12 +178,26 @@ class Workers:
                     w.cancel()
                 await asyncio.gather(*waiters, return_exceptions=True)
 
+    def _nothing_sendable_before(self, deadline: float, idle: bool) -> bool:
+        """True when waiting for the deadline cannot deliver anything more: the rate gate
+        holds past it, or no worker holds an event, none is ready and every retry is due
+        after it. (Sends on the wire get the stop's grace either way.)"""
+        held_until = self._gate.held_until
+        if held_until is not None and held_until >= deadline:
+            return True
+        if not idle or self._queue.ready:
+            return False
+        next_due = self._queue.next_due
+        return next_due is None or next_due >= deadline
+
     async def stop(self, grace_s: float = 1.0) -> None:
         """Stop taking events. Sends on the wire get grace_s to finish; anything else is
-        cancelled and its event put back in the queue for the spool."""
+        cancelled and its event put back in the queue for the spool, except a summary cut
+        off on the wire (see _settle_cut_off). Safe to call again after a cancelled call."""
         self._stopping = True
         if self._probe_task is not None:
             self._probe_task.cancel()
+            # Failures of our tasks are logged by _check_crash, their done-callback.
             await asyncio.gather(self._probe_task, return_exceptions=True)
             self._probe_task = None
         for task, state in zip(self._tasks, self._states):
@@ -179,15 +213,40 @@ class Workers:
         if self._paused_event is not None:
             self._queue.requeue_front(self._paused_event)
             self._paused_event = None
+        self._settle_cut_off()
+
+    def _settle_cut_off(self) -> None:
+        """Summaries have no dedup key, so Intercom cannot drop a resend: a summary whose
+        answer did not come back before the grace may already be counted, and resending it
+        after a restart could count it twice. It is dead-lettered as unknown_outcome
+        instead, for the operator to check in Intercom and replay if it never arrived.
+        Events (which Intercom dedups by key) go back to the queue and are resent."""
+        cut_off, self._cut_off = self._cut_off, []
+        for event in cut_off:
+            try:
+                self._dead_letters.append(event, reason=UNKNOWN_OUTCOME, status=None,
+                                          response_body=b"")
+            except OSError as exc:
+                # Not recorded: keep it (a resend may double-count) rather than lose it.
+                log.error("deadletter.write_failed", reason=UNKNOWN_OUTCOME, error=repr(exc))
+                self._queue.requeue_front(event)
+                continue
+            self._metrics.events_forwarded.labels("dead_lettered", UNKNOWN_OUTCOME).inc()
+            log.warning("upstream.dead_lettered", reason=UNKNOWN_OUTCOME, status=None,
+                        attempts=event.attempts, route=event.route.value)
 
     def _check_crash(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled() or self._stopping:
+        if task.cancelled():
             return
         exc = task.exception()
-        if exc is not None:
+        if exc is None:
+            return
+        # Logged even while stopping: a failure must never vanish with its task.
+        log.error("service.worker_crashed", worker=task.get_name(), error=repr(exc),
+                  exc_info=exc)
+        if self.crashed is None:
             self.crashed = exc
-            log.error("service.worker_crashed", worker=task.get_name(), error=repr(exc))
-            if self.on_crash is not None:
+            if self.on_crash is not None and not self._stopping:
                 self.on_crash(exc)
 
     # -- the loop -----------------------------------------------------------------------
@@ -198,47 +257,73 @@ class Workers:
             self._changed.set()  # drain() waits for every worker to be empty-handed
             await self._running.wait()
             event = await self._queue.take()
-            acquired = False
-            try:
-                self._states[i] = _State.GATED
-                if self.paused:  # paused while we were taking: leave it for the probe
-                    self._queue.requeue_front(event)
-                    continue
-                waited = await self._gate.acquire()
-                acquired = True
-                if waited:
-                    self._metrics.rate_limit_wait.inc(waited)
-                self._states[i] = _State.SENDING
-                self._in_flight += 1
-                try:
-                    verdict = await self._upstream.send(event)
-                finally:
-                    self._in_flight -= 1
-                    self._changed.set()
-            except BaseException:
-                # Cancelled (not sent, or cut off mid-flight) or a bug: the event goes back for
-                # the spool before the task ends. Intercom drops a duplicate by its composite
-                # key, so a resend after restart is harmless.
+            self._states[i] = _State.GATED
+            if self.paused:  # paused while we were taking: leave it for the probe
                 self._queue.requeue_front(event)
-                if acquired:  # a cancelled acquire() counts nothing; a cancelled send does
-                    self._gate.release(None, None)
-                raise
+                continue
+            verdict = await self._send(event, i)
+            self._settle(event, verdict)
+
+    async def _send(self, event: Event, i: int | None = None) -> Verdict:
+        """Pass the rate gate and send. If this is cancelled (not sent, or cut off on the
+        wire) or fails, the event goes back to the queue before the exception leaves:
+        Intercom drops a duplicate event by its composite key, so a resend is harmless.
+        A summary cut off on the wire is the exception (see _settle_cut_off)."""
+        acquired = sending = False
+        try:
+            waited = await self._gate.acquire()
+            acquired = True
+            if waited:
+                self._metrics.rate_limit_wait.inc(waited)
+            if i is not None:
+                self._states[i] = _State.SENDING
+            self._in_flight += 1
+            sending = True
+            try:
+                return await self._upstream.send(event)
+            finally:
+                self._in_flight -= 1
+                self._changed.set()
+        except BaseException as exc:
+            if sending and event.route is Route.SUMMARIES and isinstance(
+                    exc, asyncio.CancelledError):
+                self._cut_off.append(event)
+            else:
+                self._queue.requeue_front(event)
+            if acquired:  # a cancelled acquire() counts nothing; a cancelled send does
+                self._gate.release(None, None)
+            raise
+
+    def _settle(self, event: Event, verdict: Verdict) -> None:
+        """Tell the gate, then act on the verdict. A failure in either (a bug) still
+        leaves the event where the verdict says, then ends the worker with the error, so
+        the service logs it and stops instead of carrying on with a broken gate."""
+        try:
             self._gate.release(verdict.status, verdict.rate, verdict.retry_after_s)
+        finally:
             self._act(event, verdict)
 
     def _act(self, event: Event, verdict: Verdict) -> None:
-        self._record_request(verdict)
+        """Put the event where the verdict says. If the bookkeeping around that fails (a
+        bug), an event that did not reach its place goes back to the queue."""
         outcome = verdict.outcome
-        if outcome is Outcome.DELIVERED:
-            self._m_delivered.inc()
-        elif outcome is Outcome.RATE_LIMITED:
-            self._rate_limited(event, verdict)
-        elif outcome is Outcome.RETRY_LATER:
-            self._retry_later(event, verdict)
-        elif outcome is Outcome.DEAD_LETTER:
-            self._dead_letter(event, verdict, verdict.reason)
-        elif outcome is Outcome.PAUSE_AUTH:
-            self._pause(event, verdict)
+        placed = outcome is Outcome.DELIVERED
+        try:
+            self._record_request(verdict)
+            if outcome is Outcome.DELIVERED:
+                self._m_delivered.inc()
+            elif outcome is Outcome.RATE_LIMITED:
+                placed = self._rate_limited(event, verdict)
+            elif outcome is Outcome.RETRY_LATER:
+                placed = self._retry_later(event, verdict)
+            elif outcome is Outcome.DEAD_LETTER:
+                placed = self._dead_letter(event, verdict, verdict.reason)
+            elif outcome is Outcome.PAUSE_AUTH:
+                placed = self._pause(event, verdict)
+        except BaseException:
+            if not placed:
+                self._queue.requeue_front(event)
+            raise
 
     def _record_request(self, verdict: Verdict) -> None:
         series = self._m_requests.get(verdict.status)
@@ -249,6 +334,9 @@ class Workers:
         series.inc()
         self._metrics.upstream_latency.observe(verdict.latency_s)
 
+    # Each of these puts the event in its place as its last step, so an exception before
+    # that (a bug) leaves it in hand for _act to put back.
+
     def _rate_limited(self, event: Event, verdict: Verdict) -> None:
         """A 429 is Intercom's budget, not the event's fault: the gate (told in release())
         holds everyone until the reset, and the event goes again without an attempt."""
@@ -256,19 +344,21 @@ class Workers:
         self._queue.requeue_front(event)
 
     def _retry_later(self, event: Event, verdict: Verdict) -> None:
-        event.attempts += 1
-        if event.attempts >= self._retry.max_attempts:
+        attempts = event.attempts + 1
+        if attempts >= self._retry.max_attempts:
+            event.attempts = attempts
             self._dead_letter(event, verdict, "retries_exhausted")
             return
         cap = min(self._retry.max_delay_seconds,
-                  self._retry.base_delay_seconds * 2 ** (event.attempts - 1))
+                  self._retry.base_delay_seconds * 2 ** (attempts - 1))
         delay = self._rng.uniform(0, cap)
         if verdict.retry_after_s is not None:
             delay = max(delay, min(verdict.retry_after_s, self._retry.max_delay_seconds))
-        self._queue.retry_later(event, delay)
         self._metrics.events_forwarded.labels("retried", verdict.reason).inc()
-        log.debug("upstream.retry_scheduled", attempt=event.attempts, delay_s=round(delay, 3),
+        log.debug("upstream.retry_scheduled", attempt=attempts, delay_s=round(delay, 3),
                   status=verdict.status, reason=verdict.reason)
+        event.attempts = attempts
+        self._queue.retry_later(event, delay)
 
     def _dead_letter(self, event: Event, verdict: Verdict, reason: str) -> None:
         if verdict.outcome is Outcome.DEAD_LETTER:
@@ -283,30 +373,34 @@ class Workers:
                                  error=repr(exc))
             self._queue.retry_later(event, self._retry.max_delay_seconds)
             return
-        self._metrics.events_forwarded.labels("dead_lettered", reason).inc()
-        if self._on_dead_letter is not None:
-            self._on_dead_letter(event)
-        self._dead_log.warning(log, "upstream.dead_lettered", reason=reason,
-                               status=verdict.status, attempts=event.attempts)
+        try:  # the event is in the file now: a failure below must not put it back
+            self._metrics.events_forwarded.labels("dead_lettered", reason).inc()
+            if self._on_dead_letter is not None:
+                self._on_dead_letter(event)
+            self._dead_log.warning(log, "upstream.dead_lettered", reason=reason,
+                                   status=verdict.status, attempts=event.attempts)
+        except Exception:
+            log.exception("workers.bookkeeping_failed", after="dead_lettered", reason=reason)
 
     # -- auth pause ---------------------------------------------------------------------
 
     def _pause(self, event: Event, verdict: Verdict) -> None:
         """Intercom refused the token: keep every event, stop sending, probe every 30 s."""
-        if self._paused_event is None and not self.paused:
-            self._paused_event = event
-        else:
-            self._queue.requeue_front(event)
+        first = not self.paused
         self._auth_log.error(log, "upstream.auth_paused", status=verdict.status,
                              reason=verdict.reason, probe_every_s=self._probe_interval_s)
-        if self.paused:
-            return
-        self._running.clear()
-        self._changed.set()
-        self._metrics.paused.set(1)
-        if self._probe_task is None and not self._stopping:
-            self._probe_task = asyncio.create_task(self._probe(), name="forwarder-auth-probe")
-            self._probe_task.add_done_callback(self._check_crash)
+        if first:
+            self._running.clear()
+            self._changed.set()
+            self._metrics.paused.set(1)
+            if self._probe_task is None and not self._stopping:
+                self._probe_task = asyncio.create_task(self._probe(),
+                                                       name="forwarder-auth-probe")
+                self._probe_task.add_done_callback(self._check_crash)
+        if first and self._paused_event is None:
+            self._paused_event = event  # the probe's event
+        else:
+            self._queue.requeue_front(event)
 
     async def _probe(self) -> None:
         try:
@@ -316,33 +410,19 @@ class Workers:
                 if event is None:
                     return
                 self._paused_event = None
-                acquired = False
+                verdict = await self._send(event)
+                if verdict.outcome is not Outcome.PAUSE_AUTH:
+                    self._resume()
+                    self._settle(event, verdict)
+                    return
                 try:
-                    waited = await self._gate.acquire()
-                    acquired = True
-                    if waited:
-                        self._metrics.rate_limit_wait.inc(waited)
-                    self._in_flight += 1
-                    try:
-                        verdict = await self._upstream.send(event)
-                    finally:
-                        self._in_flight -= 1
-                except BaseException:  # cancelled, or a bug: the event must not vanish
-                    self._queue.requeue_front(event)
-                    if acquired:
-                        self._gate.release(None, None)
-                    raise
-                self._gate.release(verdict.status, verdict.rate, verdict.retry_after_s)
-                if verdict.outcome is Outcome.PAUSE_AUTH:
-                    self._record_request(verdict)
-                    self._paused_event = event
-                    self._auth_log.error(log, "upstream.auth_paused", status=verdict.status,
-                                         reason=verdict.reason,
-                                         probe_every_s=self._probe_interval_s)
-                    continue
-                self._resume()
-                self._act(event, verdict)
-                return
+                    self._gate.release(verdict.status, verdict.rate, verdict.retry_after_s)
+                finally:
+                    self._paused_event = event  # still refused: keep it for the next probe
+                self._record_request(verdict)
+                self._auth_log.error(log, "upstream.auth_paused", status=verdict.status,
+                                     reason=verdict.reason,
+                                     probe_every_s=self._probe_interval_s)
         finally:
             if self._probe_task is asyncio.current_task():
                 self._probe_task = None
@@ -352,3 +432,4 @@ class Workers:
         self._metrics.paused.set(0)
         self._running.set()
         self._changed.set()
+

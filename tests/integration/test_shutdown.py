@@ -53,14 +53,25 @@ async def test_stop_during_retries_spools_with_attempts_and_the_next_start_deliv
         "intercom_forwarder_spool_loaded_events") == 2
 
 
-async def test_stopping_intake_answers_503(make_service, clock):
+async def test_a_closed_queue_answers_503_and_the_stop_closes_the_intake_first(
+        make_service, fake_intercom, clock):
+    """The stop's first step closes the queue (offers refused: 503 with Retry-After, never a
+    202 whose event could miss the spool), then the listeners, then drains."""
     svc = await make_service(clock=clock)
-    svc._accepting = False  # the first step of stop(), observed from outside
+    svc.queue.close()
     async with aiohttp.ClientSession() as s, s.post(svc.url + "/events",
                                                     data=orjson.dumps(event(0))) as r:
         assert r.status == 503 and r.headers["Retry-After"] == "1"
-    async with aiohttp.ClientSession() as s, s.get(svc.url + "/readyz") as r:
-        assert r.status == 503
+    assert fake_intercom.requests == []
+    url = svc.url
+    await svc.stop()
+    assert svc.not_ready_reason() == "shutting_down"
+    async with aiohttp.ClientSession() as s:
+        try:
+            await s.get(url + "/readyz")
+            raise AssertionError("the intake still answers after stop()")
+        except aiohttp.ClientConnectionError:
+            pass
 
 
 def _free_port() -> int:
