@@ -267,3 +267,22 @@ async def test_a_start_that_fails_before_loading_the_spool_leaves_it_alone(tmp_p
     except ConfigError as exc:
         assert exc.key == "intercom.access_token"
     assert spool.read_bytes() == before
+
+
+async def test_a_damaged_spool_is_moved_aside_and_its_readable_events_are_sent(
+        tmp_path, make_service, fake_intercom, captured_logs):
+    """Steps: the spool holds two good lines around a torn one; start. Expect: the daemon
+    comes up and delivers both, and the damaged file is kept as spool.jsonl.corrupt-*
+    (it used to be deleted with the unreadable line in it)."""
+    state = tmp_path / "state"
+    state.mkdir()
+    good = [orjson.dumps({"route": "/events", "attempts": 1, "first_received_at": NOW,
+                          "key": f"{i:032x}", "body": event(i)}) for i in range(2)]
+    (state / "spool.jsonl").write_bytes(good[0] + b'\n{"route":"/ev\n' + good[1] + b"\n")
+    await make_service()
+    await fake_intercom.wait_for_delivered(2)
+    [aside] = state.glob("spool.jsonl.corrupt-*")
+    assert b'{"route":"/ev' in aside.read_bytes()
+    assert not (state / "spool.jsonl").exists()
+    [entry] = [e for e in captured_logs if e["event"] == "spool.corrupt_lines"]
+    assert entry["skipped"] == 1 and entry["loaded"] == 2
