@@ -9,6 +9,12 @@ One JSON object per line:
 
 The event is the exact body Intercom received, embedded with orjson.Fragment.
 
+Off the event loop: flock waits as long as another process holds the lock, and disk
+writes can stall, so DeadLetterFile.append only serialises the line on the loop and
+hands the lock, fstat, rotation and write to one writer thread of its
+own (started by the first append, ended by close()). One thread keeps appends in the
+order they were made.
+
 Locking: the daemon appends while `forwarder dead-letters replay` may be rewriting the
 same files from another process. Every change to the file set (append, rotation, the
 replay's rewrite) holds fcntl.flock LOCK_EX, and reading takes LOCK_SH, on the sidecar
@@ -18,19 +24,21 @@ its O_APPEND fd between appends and, under the lock, checks that it still names 
 path's inode, reopening it after a rotation or a replay's rename; so a line appended
 during a replay lands in the rewritten file, never in an unlinked one.
 
-Appends are not fsynced: a burst of 404s would otherwise stall the event loop on the
-disk. A dead letter written before a process crash survives; one written within the
-kernel's writeback interval before a power loss may not.
+Appends are not fsynced: a burst of 404s would otherwise hold the writer thread, and the
+workers waiting on it, on the disk. A dead letter written before a process crash
+survives; one written within the kernel's writeback interval before a power loss may not.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import os
 import stat
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from glob import escape as glob_escape
@@ -54,7 +62,8 @@ _FILE_MODE = 0o600  # event bodies carry contact identities and e-mail addresses
 
 class DeadLetterFile:
     """Owns the daemon's appends: one whole line per event; rotates at max_bytes,
-    keeping keep_files older files (dead-letter.jsonl.1 is the newest of them)."""
+    keeping keep_files older files (dead-letter.jsonl.1 is the newest of them). Its file
+    I/O runs on one writer thread of its own, so appends never block the event loop."""
 
     def __init__(self, path: Path, *, max_bytes: int, keep_files: int, clock: Clock):
         if max_bytes <= 0:
@@ -65,13 +74,18 @@ class DeadLetterFile:
         self._max_bytes = max_bytes
         self._keep_files = keep_files
         self._clock = clock
+        self._writer: ThreadPoolExecutor | None = None  # started by the first append
+        # Used only on the writer thread.
         self._fd: int | None = None
         self._lock_fd: int | None = None
 
-    def append(
+    async def append(
         self, event: Event, *, reason: str, status: int | None, response_body: bytes
     ) -> None:
-        """Record one refused event. Raises OSError if the disk refuses the line."""
+        """Record one refused event. Raises OSError if the disk refuses the line. A line
+        handed to the writer thread cannot be taken back, so a cancellation waits for its
+        outcome: CancelledError then means the line is in the file; OSError still means it
+        is not (and the task stays cancelled)."""
         line = orjson.dumps(
             {
                 "event": orjson.Fragment(event.body),
@@ -85,6 +99,27 @@ class DeadLetterFile:
             },
             option=orjson.OPT_APPEND_NEWLINE,
         )
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1,
+                                              thread_name_prefix="forwarder-deadletter")
+        await _outcome(asyncio.wrap_future(self._writer.submit(self._write, line)))
+
+    async def close(self) -> None:
+        """Let the appends already made finish, close the files and end the writer thread.
+        Calling it again does nothing; an append after it starts a new writer thread."""
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        try:
+            # Queued behind every pending append, so those are written first.
+            await asyncio.wrap_future(writer.submit(self._close_files))
+        finally:
+            # No waiting on the loop: the thread exits once its queue is done, which
+            # still includes closing the files if this await was cancelled.
+            writer.shutdown(wait=False)
+
+    def _write(self, line: bytes) -> None:
+        """On the writer thread: the line at the end of the current file."""
         if self._lock_fd is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._lock_fd = _open_lock(self.path)
@@ -99,7 +134,7 @@ class DeadLetterFile:
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
-    def close(self) -> None:
+    def _close_files(self) -> None:
         for fd in (self._fd, self._lock_fd):
             if fd is not None:
                 os.close(fd)
@@ -362,6 +397,30 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+async def _outcome(written: asyncio.Future[None]) -> None:
+    """Await a write that cannot be withdrawn, so that even a cancelled caller learns
+    whether its line is in the file (see DeadLetterFile.append)."""
+    cancelled = False
+    while True:
+        try:
+            await asyncio.shield(written)
+            break
+        except asyncio.CancelledError:
+            if written.cancelled():
+                raise
+            cancelled = True  # the line is being written or is next: wait for it
+        except OSError:
+            if cancelled:
+                # The caller must keep its event, so it gets the OSError; the cancellation
+                # held back is asked for again and ends the task at its next await.
+                task = asyncio.current_task()
+                if task is not None:
+                    task.cancel()
+            raise
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 def _iso_utc(epoch_s: float) -> str:

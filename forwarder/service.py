@@ -174,7 +174,7 @@ class Service:
                  drained=drained)
         await self.upstream.close()
         await self.listener.close()
-        self.dead_letters.close()
+        await self.dead_letters.close()
         log.info("service.stopped", spooled=written)
 
     async def __aenter__(self) -> Self:

@@ -65,8 +65,8 @@ class Sender(Protocol):
 
 
 class DeadLetterSink(Protocol):
-    def append(self, event: Event, *, reason: str, status: int | None,
-               response_body: bytes) -> None: ...
+    async def append(self, event: Event, *, reason: str, status: int | None,
+                     response_body: bytes) -> None: ...
 
 
 class Workers:
@@ -224,9 +224,9 @@ class Workers:
                     self._gate.release(None, None)
                 raise
             self._gate.release(verdict.status, verdict.rate, verdict.retry_after_s)
-            self._act(event, verdict)
+            await self._act(event, verdict)
 
-    def _act(self, event: Event, verdict: Verdict) -> None:
+    async def _act(self, event: Event, verdict: Verdict) -> None:
         self._record_request(verdict)
         outcome = verdict.outcome
         if outcome is Outcome.DELIVERED:
@@ -234,9 +234,9 @@ class Workers:
         elif outcome is Outcome.RATE_LIMITED:
             self._rate_limited(event, verdict)
         elif outcome is Outcome.RETRY_LATER:
-            self._retry_later(event, verdict)
+            await self._retry_later(event, verdict)
         elif outcome is Outcome.DEAD_LETTER:
-            self._dead_letter(event, verdict, verdict.reason)
+            await self._dead_letter(event, verdict, verdict.reason)
         elif outcome is Outcome.PAUSE_AUTH:
             self._pause(event, verdict)
 
@@ -255,10 +255,10 @@ class Workers:
         self._metrics.rate_limited.inc()
         self._queue.requeue_front(event)
 
-    def _retry_later(self, event: Event, verdict: Verdict) -> None:
+    async def _retry_later(self, event: Event, verdict: Verdict) -> None:
         event.attempts += 1
         if event.attempts >= self._retry.max_attempts:
-            self._dead_letter(event, verdict, "retries_exhausted")
+            await self._dead_letter(event, verdict, "retries_exhausted")
             return
         cap = min(self._retry.max_delay_seconds,
                   self._retry.base_delay_seconds * 2 ** (event.attempts - 1))
@@ -270,12 +270,12 @@ class Workers:
         log.debug("upstream.retry_scheduled", attempt=event.attempts, delay_s=round(delay, 3),
                   status=verdict.status, reason=verdict.reason)
 
-    def _dead_letter(self, event: Event, verdict: Verdict, reason: str) -> None:
+    async def _dead_letter(self, event: Event, verdict: Verdict, reason: str) -> None:
         if verdict.outcome is Outcome.DEAD_LETTER:
             event.attempts += 1
         try:
-            self._dead_letters.append(event, reason=reason, status=verdict.status,
-                                      response_body=verdict.body)
+            await self._dead_letters.append(event, reason=reason, status=verdict.status,
+                                            response_body=verdict.body)
         except OSError as exc:
             # The disk refused the line (full, or permissions): the event must not vanish.
             # It waits as a retry; if the daemon stops first, the spool keeps it.
@@ -341,7 +341,7 @@ class Workers:
                                          probe_every_s=self._probe_interval_s)
                     continue
                 self._resume()
-                self._act(event, verdict)
+                await self._act(event, verdict)
                 return
         finally:
             if self._probe_task is asyncio.current_task():

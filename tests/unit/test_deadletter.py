@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import asyncio
+import errno
+import fcntl
 import os
-from collections.abc import AsyncIterator, Callable
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import orjson
@@ -9,6 +13,7 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
+from forwarder import deadletter
 from forwarder.clock import FakeClock
 from forwarder.deadletter import (
     DEAD_LETTER_NAME,
@@ -17,6 +22,11 @@ from forwarder.deadletter import (
     replay,
 )
 from forwarder.event import Event, Route
+
+
+# Longest a LockHolder holds the lock: the bound that turns a blocked event loop into a
+# failed assertion instead of a hung run.
+HOLD_AT_MOST_S = 3.0
 
 
 def ev(name: str, *, attempts: int = 1) -> Event:
@@ -37,6 +47,55 @@ def names_in(path: Path) -> list[str]:
     return [record["event"]["event_name"] for record in lines(path)]
 
 
+def names_listed(state_dir: Path) -> list[str]:
+    """What `dead-letters list` shows, oldest first."""
+    return [e.record["event"]["event_name"] for e in read_entries(state_dir)]
+
+
+class LockHolder:
+    """Another process holding the dead-letter lock, played by a thread with its own open
+    file: flock belongs to the open file, so it shuts out the daemon's fd exactly as
+    another process would. It lets go at let_go() (the end of a with block), or after
+    HOLD_AT_MOST_S."""
+
+    def __init__(self, state_dir: Path):
+        self._path = state_dir / (DEAD_LETTER_NAME + ".lock")
+        self._held = threading.Event()
+        self._let_go = threading.Event()
+        self._thread = threading.Thread(target=self._hold, name="test-lock-holder")
+
+    def take(self) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._thread.start()
+        assert self._held.wait(HOLD_AT_MOST_S), "the holder never got the lock"
+
+    def let_go(self) -> None:
+        self._let_go.set()
+        self._thread.join(HOLD_AT_MOST_S)
+
+    def __enter__(self) -> LockHolder:
+        self.take()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.let_go()
+
+    def _hold(self) -> None:
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._held.set()
+            self._let_go.wait(HOLD_AT_MOST_S)
+        finally:
+            os.close(fd)  # releases the lock
+
+
+async def loop_turns(n: int) -> None:
+    """Give the event loop n turns, as any other coroutine of the daemon would take them."""
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock(start_wall=1_700_000_100.0)
@@ -48,23 +107,25 @@ def state_dir(tmp_path) -> Path:
 
 
 @pytest.fixture
-def dead_letters(state_dir, clock) -> DeadLetterFile:
+async def dead_letters(state_dir, clock) -> AsyncIterator[DeadLetterFile]:
     dl = DeadLetterFile(state_dir / DEAD_LETTER_NAME, max_bytes=1 << 20, keep_files=3, clock=clock)
     yield dl
-    dl.close()
+    await dl.close()
 
 
-def add(dl: DeadLetterFile, name: str, reason: str = "contact_not_found", status=404) -> None:
-    dl.append(ev(name), reason=reason, status=status, response_body=b'{"type":"error.list"}')
+async def add(dl: DeadLetterFile, name: str, reason: str = "contact_not_found",
+              status=404) -> None:
+    await dl.append(ev(name), reason=reason, status=status,
+                    response_body=b'{"type":"error.list"}')
 
 
 class IntakeStub:
     """A tiny intake: 202 for event names starting with "ok", 400 for the rest; records
-    every body. on_request runs inside the handler, before the answer."""
+    every body. on_request is awaited inside the handler, before the answer."""
 
     def __init__(self) -> None:
         self.bodies: list[bytes] = []
-        self.on_request: Callable[[dict], None] | None = None
+        self.on_request: Callable[[dict], Awaitable[None]] | None = None
         self.base_url = ""
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -72,7 +133,7 @@ class IntakeStub:
         self.bodies.append(body)
         event = orjson.loads(body)
         if self.on_request is not None:
-            self.on_request(event)
+            await self.on_request(event)
         if event["event_name"].startswith("ok"):
             return web.Response(status=202)
         return web.json_response({"type": "error.list", "errors": [{"code": "bad"}]}, status=400)
@@ -99,9 +160,9 @@ async def intake() -> AsyncIterator[IntakeStub]:
 # -- append ------------------------------------------------------------------------------
 
 
-def test_an_appended_line_holds_the_event_and_why_it_was_refused(dead_letters, state_dir):
+async def test_an_appended_line_holds_the_event_and_why_it_was_refused(dead_letters, state_dir):
     event = ev("order-placed", attempts=2)
-    dead_letters.append(
+    await dead_letters.append(
         event, reason="contact_not_found", status=404, response_body=b'{"type":"error.list"}'
     )
     raw = (state_dir / DEAD_LETTER_NAME).read_bytes()
@@ -119,8 +180,9 @@ def test_an_appended_line_holds_the_event_and_why_it_was_refused(dead_letters, s
     }
 
 
-def test_a_long_or_invalid_response_is_decoded_and_cut_to_2048_chars(dead_letters, state_dir):
-    dead_letters.append(
+async def test_a_long_or_invalid_response_is_decoded_and_cut_to_2048_chars(dead_letters,
+                                                                          state_dir):
+    await dead_letters.append(
         ev("a"), reason="rejected", status=None, response_body=b"\xff" + b"x" * 5000
     )
     [record] = lines(state_dir / DEAD_LETTER_NAME)
@@ -128,25 +190,25 @@ def test_a_long_or_invalid_response_is_decoded_and_cut_to_2048_chars(dead_letter
     assert record["status"] is None
 
 
-def test_the_directory_is_created_and_appends_accumulate(dead_letters, state_dir):
+async def test_the_directory_is_created_and_appends_accumulate(dead_letters, state_dir):
     assert not state_dir.exists()
     for name in ("a", "b", "c"):
-        add(dead_letters, name)
+        await add(dead_letters, name)
     assert names_in(state_dir / DEAD_LETTER_NAME) == ["a", "b", "c"]
     assert (state_dir / DEAD_LETTER_NAME).stat().st_mode & 0o777 == 0o600
 
 
-def test_files_rotate_at_max_bytes_and_only_keep_files_are_kept(state_dir, clock):
+async def test_files_rotate_at_max_bytes_and_only_keep_files_are_kept(state_dir, clock):
     probe = DeadLetterFile(state_dir / "probe.jsonl", max_bytes=1 << 20, keep_files=0, clock=clock)
-    add(probe, "e0")
-    probe.close()
+    await add(probe, "e0")
+    await probe.close()
     line_bytes = (state_dir / "probe.jsonl").stat().st_size
     dl = DeadLetterFile(
         state_dir / DEAD_LETTER_NAME, max_bytes=2 * line_bytes, keep_files=2, clock=clock
     )
     for n in range(7):  # two lines per file: e0 e1 | e2 e3 | e4 e5 | e6
-        add(dl, f"e{n}")
-    dl.close()
+        await add(dl, f"e{n}")
+    await dl.close()
     assert names_in(state_dir / DEAD_LETTER_NAME) == ["e6"]
     assert names_in(state_dir / f"{DEAD_LETTER_NAME}.1") == ["e4", "e5"]
     assert names_in(state_dir / f"{DEAD_LETTER_NAME}.2") == ["e2", "e3"]
@@ -160,22 +222,98 @@ def test_files_rotate_at_max_bytes_and_only_keep_files_are_kept(state_dir, clock
     ]
 
 
-def test_with_keep_files_0_a_full_file_is_discarded(state_dir, clock):
+async def test_with_keep_files_0_a_full_file_is_discarded(state_dir, clock):
     dl = DeadLetterFile(state_dir / DEAD_LETTER_NAME, max_bytes=10, keep_files=0, clock=clock)
-    add(dl, "a")
-    add(dl, "b")
-    dl.close()
+    await add(dl, "a")
+    await add(dl, "b")
+    await dl.close()
     assert names_in(state_dir / DEAD_LETTER_NAME) == ["b"]
     assert sorted(os.listdir(state_dir)) == [DEAD_LETTER_NAME, DEAD_LETTER_NAME + ".lock"]
+
+
+async def test_an_append_waiting_for_another_process_lock_leaves_the_event_loop_running(
+        dead_letters, state_dir):
+    """Steps: another process holds the dead-letter lock; the daemon dead-letters an
+    event; the loop's other coroutines take their turns; the holder lets go. Expect: the
+    loop kept turning while the append waited for the lock, and then the line is written."""
+    with LockHolder(state_dir):
+        appending = asyncio.create_task(add(dead_letters, "a"))
+        await loop_turns(100)
+        assert not appending.done()
+    await asyncio.wait_for(appending, HOLD_AT_MOST_S)
+    assert names_in(state_dir / DEAD_LETTER_NAME) == ["a"]
+
+
+async def test_a_cancelled_append_still_lands_and_its_task_ends_only_after(dead_letters,
+                                                                          state_dir):
+    """Steps: another process holds the lock; the daemon dead-letters a, then b; b's task
+    is cancelled (a stop), while its line waits behind a's; the holder lets go. Expect:
+    b's task ends, cancelled, only after its line is written: both lines are in the file,
+    in order, so the event has a known place."""
+    with LockHolder(state_dir):
+        first = asyncio.create_task(add(dead_letters, "a"))
+        second = asyncio.create_task(add(dead_letters, "b"))
+        await loop_turns(10)
+        second.cancel()
+        await loop_turns(100)
+        assert not second.done()
+    await asyncio.wait_for(first, HOLD_AT_MOST_S)
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(second, HOLD_AT_MOST_S)
+    assert names_in(state_dir / DEAD_LETTER_NAME) == ["a", "b"]
+
+
+async def test_a_cancelled_append_the_disk_refuses_still_says_so(dead_letters, state_dir,
+                                                                   monkeypatch):
+    """Steps: another process holds the lock; a worker dead-letters a and is cancelled (a
+    stop) while it waits; the holder lets go and the disk refuses the line. Expect: the
+    worker still gets the OSError, so it keeps the event, and its task ends cancelled."""
+
+    def enospc(fd: int, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(deadletter, "_write_all", enospc)
+    kept: list[str] = []
+
+    async def worker() -> None:
+        try:
+            await add(dead_letters, "a")
+        except OSError:
+            kept.append("a")  # what Workers does: the event waits as a retry
+
+    with LockHolder(state_dir):
+        working = asyncio.create_task(worker())
+        await loop_turns(10)
+        working.cancel()
+        await loop_turns(100)
+        assert not working.done()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(working, HOLD_AT_MOST_S)
+    assert kept == ["a"]
+    assert names_listed(state_dir) == []
+
+
+async def test_close_lets_the_appends_already_made_finish(dead_letters, state_dir):
+    """Steps: another process holds the lock; the daemon dead-letters a and b, then stops
+    (close); the holder lets go. Expect: close returns only after both lines are written."""
+    with LockHolder(state_dir):
+        appends = [asyncio.create_task(add(dead_letters, name)) for name in ("a", "b")]
+        await loop_turns(10)
+        closing = asyncio.create_task(dead_letters.close())
+        await loop_turns(100)
+        assert not closing.done()
+    await asyncio.wait_for(closing, HOLD_AT_MOST_S)
+    assert names_in(state_dir / DEAD_LETTER_NAME) == ["a", "b"]
+    await asyncio.gather(*appends)
 
 
 # -- read_entries ------------------------------------------------------------------------
 
 
-def test_entries_know_their_file_and_line_and_filter_by_reason(dead_letters, state_dir):
-    add(dead_letters, "a")
-    add(dead_letters, "b", reason="rejected", status=422)
-    add(dead_letters, "c")
+async def test_entries_know_their_file_and_line_and_filter_by_reason(dead_letters, state_dir):
+    await add(dead_letters, "a")
+    await add(dead_letters, "b", reason="rejected", status=422)
+    await add(dead_letters, "c")
     current = state_dir / DEAD_LETTER_NAME
     found = read_entries(state_dir, reason="contact_not_found")
     assert [(e.file, e.line, e.reason, e.status) for e in found] == [
@@ -187,11 +325,11 @@ def test_entries_know_their_file_and_line_and_filter_by_reason(dead_letters, sta
     assert rejected.route == Route.EVENTS.value
 
 
-def test_a_corrupt_line_is_reported_and_the_rest_still_read(dead_letters, state_dir):
-    add(dead_letters, "a")
+async def test_a_corrupt_line_is_reported_and_the_rest_still_read(dead_letters, state_dir):
+    await add(dead_letters, "a")
     with open(state_dir / DEAD_LETTER_NAME, "ab") as f:
         f.write(b'{"event":{"event_name":"torn\n[1,2]\n')
-    add(dead_letters, "b")
+    await add(dead_letters, "b")
     with capture_logs() as logs:
         found = read_entries(state_dir)
     assert [e.record["event"]["event_name"] for e in found] == ["a", "b"]
@@ -210,7 +348,7 @@ def test_a_missing_state_dir_has_no_entries(tmp_path):
 
 async def test_replay_removes_only_what_the_intake_accepted(dead_letters, state_dir, intake):
     for name in ("ok-1", "bad-1", "ok-2", "bad-2"):
-        add(dead_letters, name)
+        await add(dead_letters, name)
     result = await replay(state_dir, base_url=intake.base_url)
     assert result.accepted == 2
     assert result.failed == 0
@@ -224,8 +362,8 @@ async def test_replay_removes_only_what_the_intake_accepted(dead_letters, state_
 
 
 async def test_replay_with_a_reason_sends_only_those_entries(dead_letters, state_dir, intake):
-    add(dead_letters, "ok-a", reason="rejected", status=422)
-    add(dead_letters, "ok-b")
+    await add(dead_letters, "ok-a", reason="rejected", status=422)
+    await add(dead_letters, "ok-b")
     result = await replay(state_dir, base_url=intake.base_url, reason="contact_not_found")
     assert (result.accepted, result.rejected, result.failed) == (1, [], 0)
     assert intake.bodies == [ev("ok-b").body]
@@ -235,8 +373,8 @@ async def test_replay_with_a_reason_sends_only_those_entries(dead_letters, state
 async def test_replay_reaches_entries_in_rotated_files(state_dir, clock, intake):
     dl = DeadLetterFile(state_dir / DEAD_LETTER_NAME, max_bytes=10, keep_files=5, clock=clock)
     for name in ("ok-1", "bad-1", "ok-2"):
-        add(dl, name)
-    dl.close()
+        await add(dl, name)
+    await dl.close()
     result = await replay(state_dir, base_url=intake.base_url)
     assert result.accepted == 2
     assert [e.record["event"]["event_name"] for e in read_entries(state_dir)] == ["bad-1"]
@@ -246,18 +384,18 @@ async def test_a_line_appended_during_replay_is_kept(dead_letters, state_dir, cl
     """1. two entries; 2. while the intake answers, the daemon dead-letters another event
     (and rotates, so every line has moved file); 3. after the replay the accepted entries
     are gone and the new line is there."""
-    add(dead_letters, "ok-1")
-    add(dead_letters, "bad-1")
+    await add(dead_letters, "ok-1")
+    await add(dead_letters, "bad-1")
     # The daemon, with a limit so small that its next append rotates first.
     daemon = DeadLetterFile(state_dir / DEAD_LETTER_NAME, max_bytes=1, keep_files=3, clock=clock)
 
-    def dead_letter_meanwhile(event: dict) -> None:
+    async def dead_letter_meanwhile(event: dict) -> None:
         if event["event_name"] == "ok-1":
-            add(daemon, "new")
+            await add(daemon, "new")
 
     intake.on_request = dead_letter_meanwhile
     result = await replay(state_dir, base_url=intake.base_url)
-    daemon.close()
+    await daemon.close()
     assert result.accepted == 1
     assert names_in(state_dir / DEAD_LETTER_NAME) == ["new"]
     assert [e.record["event"]["event_name"] for e in read_entries(state_dir)] == ["bad-1", "new"]
@@ -266,10 +404,10 @@ async def test_a_line_appended_during_replay_is_kept(dead_letters, state_dir, cl
 async def test_an_append_after_a_replay_lands_in_the_rewritten_file(
     dead_letters, state_dir, intake
 ):
-    add(dead_letters, "ok-1")
-    add(dead_letters, "bad-1")
+    await add(dead_letters, "ok-1")
+    await add(dead_letters, "bad-1")
     await replay(state_dir, base_url=intake.base_url)
-    add(dead_letters, "after")
+    await add(dead_letters, "after")
     assert names_in(state_dir / DEAD_LETTER_NAME) == ["bad-1", "after"]
 
 
@@ -280,8 +418,8 @@ async def test_replay_through_the_unix_socket(dead_letters, state_dir, tmp_path)
     sock = str(tmp_path / "intake.sock")
     await web.UnixSite(runner, sock).start()
     try:
-        add(dead_letters, "ok-1")
-        add(dead_letters, "bad-1")
+        await add(dead_letters, "ok-1")
+        await add(dead_letters, "bad-1")
         result = await replay(state_dir, unix_socket=sock)
     finally:
         await runner.cleanup()
@@ -292,8 +430,8 @@ async def test_replay_through_the_unix_socket(dead_letters, state_dir, tmp_path)
 async def test_with_the_daemon_down_nothing_is_removed_and_all_count_as_failed(
     dead_letters, state_dir, tmp_path
 ):
-    add(dead_letters, "ok-1")
-    add(dead_letters, "ok-2")
+    await add(dead_letters, "ok-1")
+    await add(dead_letters, "ok-2")
     before = (state_dir / DEAD_LETTER_NAME).read_bytes()
     with capture_logs() as logs:
         result = await replay(state_dir, unix_socket=str(tmp_path / "no-daemon.sock"))
@@ -312,21 +450,21 @@ async def test_replay_needs_exactly_one_way_to_reach_the_daemon(state_dir):
 async def test_replay_removes_one_copy_per_accepted_entry(dead_letters, state_dir, intake):
     """The daemon dead-letters the very same event again (same line, byte for byte) while
     the replay is running: only the copy that was replayed is removed."""
-    add(dead_letters, "ok-1")
+    await add(dead_letters, "ok-1")
     intake.on_request = lambda event: add(dead_letters, "ok-1")
     result = await replay(state_dir, base_url=intake.base_url)
     assert result.accepted == 1
     assert names_in(state_dir / DEAD_LETTER_NAME) == ["ok-1"]
 
 
-def test_rotation_drops_files_beyond_a_lowered_keep_files(state_dir, clock):
+async def test_rotation_drops_files_beyond_a_lowered_keep_files(state_dir, clock):
     state_dir.mkdir()
     for n in range(1, 5):
         (state_dir / f"{DEAD_LETTER_NAME}.{n}").write_bytes(b"")
     dl = DeadLetterFile(state_dir / DEAD_LETTER_NAME, max_bytes=10, keep_files=2, clock=clock)
-    add(dl, "a")
-    add(dl, "b")
-    dl.close()
+    await add(dl, "a")
+    await add(dl, "b")
+    await dl.close()
     assert sorted(p for p in os.listdir(state_dir) if not p.endswith(".lock")) == [
         DEAD_LETTER_NAME,
         f"{DEAD_LETTER_NAME}.1",
@@ -348,8 +486,8 @@ async def test_a_replay_run_as_root_leaves_the_files_to_the_daemons_user(state_d
     daemon_side = DeadLetterFile(state_dir / DEAD_LETTER_NAME, max_bytes=1 << 20,
                                  keep_files=2, clock=clock)
     for name in ("ok-1", "bad-1"):
-        add(daemon_side, name)
-    daemon_side.close()
+        await add(daemon_side, name)
+    await daemon_side.close()
     for p in state_dir.iterdir():
         os.chown(p, nobody.pw_uid, nobody.pw_gid)
     await replay(state_dir, base_url=intake.base_url)
