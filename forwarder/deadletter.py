@@ -9,9 +9,13 @@ One JSON object per line:
 
 The event is the exact body Intercom received, embedded with orjson.Fragment.
 
+Whole lines only: an append the disk refuses part-way (ENOSPC after a short write, EIO)
+is truncated back to the file's size before it and still raises OSError, so the caller
+keeps the event and the next record does not start glued to half a line.
+
 Off the event loop: flock waits as long as another process holds the lock, and disk
 writes can stall, so DeadLetterFile.append only serialises the line on the loop and
-hands the lock, fstat, rotation and write to one writer thread of its
+hands the lock, fstat, rotation, write and truncate-back to one writer thread of its
 own (started by the first append, ended by close()). One thread keeps appends in the
 order they were made.
 
@@ -61,7 +65,7 @@ _FILE_MODE = 0o600  # event bodies carry contact identities and e-mail addresses
 
 
 class DeadLetterFile:
-    """Owns the daemon's appends: one whole line per event; rotates at max_bytes,
+    """Owns the daemon's appends: one whole line per event, or none; rotates at max_bytes,
     keeping keep_files older files (dead-letter.jsonl.1 is the newest of them). Its file
     I/O runs on one writer thread of its own, so appends never block the event loop."""
 
@@ -82,10 +86,10 @@ class DeadLetterFile:
     async def append(
         self, event: Event, *, reason: str, status: int | None, response_body: bytes
     ) -> None:
-        """Record one refused event. Raises OSError if the disk refuses the line. A line
-        handed to the writer thread cannot be taken back, so a cancellation waits for its
-        outcome: CancelledError then means the line is in the file; OSError still means it
-        is not (and the task stays cancelled)."""
+        """Record one refused event. Raises OSError, with the file left as it was, if the
+        disk refuses the line. A line handed to the writer thread cannot be taken back, so
+        a cancellation waits for its outcome: CancelledError then means the line is in the
+        file; OSError still means it is not (and the task stays cancelled)."""
         line = orjson.dumps(
             {
                 "event": orjson.Fragment(event.body),
@@ -119,7 +123,7 @@ class DeadLetterFile:
             writer.shutdown(wait=False)
 
     def _write(self, line: bytes) -> None:
-        """On the writer thread: the line at the end of the current file."""
+        """On the writer thread: the whole line at the end of the current file, or nothing."""
         if self._lock_fd is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._lock_fd = _open_lock(self.path)
@@ -130,7 +134,14 @@ class DeadLetterFile:
             if size and size + len(line) > self._max_bytes:
                 self._rotate()
                 fd = self._current_fd()
-            _write_all(fd, line)
+                size = os.fstat(fd).st_size
+            try:
+                _write_all(fd, line)
+            except OSError:
+                # Part of the line may be on disk (a short write, then ENOSPC). Cut it off:
+                # the next line would be glued to it and `list` could read neither.
+                os.ftruncate(fd, size)
+                raise
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
@@ -392,8 +403,8 @@ def _locked(path: Path, operation: int) -> Iterator[None]:
 
 
 def _write_all(fd: int, data: bytes) -> None:
-    # One write for the whole line; O_APPEND and the lock keep it contiguous even in the
-    # rare case the kernel takes it in parts.
+    # Usually one write. The kernel may take only part (a short write as the disk fills);
+    # for an append, O_APPEND and the lock keep the parts contiguous.
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]

@@ -4,8 +4,9 @@ import asyncio
 import errno
 import fcntl
 import os
+import subprocess
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import orjson
@@ -29,8 +30,11 @@ from forwarder.event import Event, Route
 HOLD_AT_MOST_S = 3.0
 
 
-def ev(name: str, *, attempts: int = 1) -> Event:
-    body = orjson.dumps({"event_name": name, "created_at": 1700000000, "user_id": "u-" + name})
+def ev(name: str, *, attempts: int = 1, padding: int = 0) -> Event:
+    fields = {"event_name": name, "created_at": 1700000000, "user_id": "u-" + name}
+    if padding:
+        fields["metadata"] = {"note": "x" * padding}
+    body = orjson.dumps(fields)
     return Event(
         body=body,
         key=name.encode().ljust(16, b"\0"),
@@ -229,6 +233,78 @@ async def test_with_keep_files_0_a_full_file_is_discarded(state_dir, clock):
     await dl.close()
     assert names_in(state_dir / DEAD_LETTER_NAME) == ["b"]
     assert sorted(os.listdir(state_dir)) == [DEAD_LETTER_NAME, DEAD_LETTER_NAME + ".lock"]
+
+
+async def test_a_line_the_disk_refuses_half_way_is_cut_off_so_the_next_stays_readable(
+        dead_letters, state_dir, monkeypatch):
+    """Steps: a is written; the disk takes half of b's line, then says ENOSPC; c is
+    written. Expect: b's append raises ENOSPC (the worker keeps b as a retry), and `list`
+    reads a and c, with no corrupt line."""
+    await add(dead_letters, "a")
+
+    def half_then_enospc(fd: int, data: bytes) -> None:
+        os.write(fd, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as m:
+        m.setattr(deadletter, "_write_all", half_then_enospc)
+        with pytest.raises(OSError) as refused:
+            await add(dead_letters, "b")
+    assert refused.value.errno == errno.ENOSPC
+    await add(dead_letters, "c")
+    with capture_logs() as logs:
+        assert names_listed(state_dir) == ["a", "c"]
+    assert logs == []
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[Path]:
+    """A real 64 KiB filesystem (tmpfs), so that the disk really fills up; unmounted after."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs",
+                              str(mount_point)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+async def test_on_a_full_disk_the_refused_line_leaves_nothing_behind(small_disk, clock):
+    """Steps: another file takes half of a 64 KiB disk; dead letters of ~5 KB (more than a
+    page, so the one that does not fit is written in part) are appended until the disk
+    says ENOSPC; the other file is deleted; one more is appended. Expect: `list` reads
+    every line that was accepted and the last one, and nothing corrupt."""
+    (small_disk / "other").write_bytes(b"x" * 32 * 1024)
+    dl = DeadLetterFile(small_disk / DEAD_LETTER_NAME, max_bytes=1 << 20, keep_files=0,
+                        clock=clock)
+
+    async def append(name: str) -> None:
+        await dl.append(ev(name, padding=5000), reason="contact_not_found", status=404,
+                        response_body=b"")
+
+    accepted: list[str] = []
+    try:
+        for n in range(64):  # 64 lines of 5 KB are far more than the 32 KiB left
+            try:
+                await append(f"e{n}")
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+                break
+            accepted.append(f"e{n}")
+        else:
+            pytest.fail("the disk never filled up")
+        (small_disk / "other").unlink()
+        await append("after")
+    finally:
+        await dl.close()
+    with capture_logs() as logs:
+        assert names_listed(small_disk) == [*accepted, "after"]
+    assert logs == []
 
 
 async def test_an_append_waiting_for_another_process_lock_leaves_the_event_loop_running(
