@@ -6,6 +6,7 @@ import fcntl
 import os
 import subprocess
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from forwarder.clock import FakeClock
 from forwarder.deadletter import (
     DEAD_LETTER_NAME,
     DeadLetterFile,
+    ReplayResult,
     read_entries,
     replay,
 )
@@ -56,14 +58,38 @@ def names_listed(state_dir: Path) -> list[str]:
     return [e.record["event"]["event_name"] for e in read_entries(state_dir)]
 
 
+def record_line(name: str, reason: str = "contact_not_found") -> bytes:
+    """A dead-letter line in the daemon's format, for files a test writes by hand."""
+    return orjson.dumps({"event": orjson.loads(ev(name).body), "route": "/events",
+                         "reason": reason, "status": 404, "response": "", "attempts": 1,
+                         "first_received_at": "2023-11-14T22:13:20.500Z",
+                         "dead_lettered_at": "2023-11-14T22:15:00.000Z"}) + b"\n"
+
+
+def temp_files(state_dir: Path) -> set[Path]:
+    """The new versions of dead-letter files a replay is writing."""
+    return set(state_dir.glob(f".{DEAD_LETTER_NAME}*.tmp"))
+
+
+def within(timeout_s: float, condition: Callable[[], bool]) -> bool:
+    """Bounded polling for a thread, which cannot await: True once condition holds."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
+
+
 class LockHolder:
     """Another process holding the dead-letter lock, played by a thread with its own open
     file: flock belongs to the open file, so it shuts out the daemon's fd exactly as
-    another process would. It lets go at let_go() (the end of a with block), or after
-    HOLD_AT_MOST_S."""
+    another process would. It lets go when while_held (run on its thread, under the lock)
+    returns, or else at let_go() (the end of a with block) or after HOLD_AT_MOST_S."""
 
-    def __init__(self, state_dir: Path):
+    def __init__(self, state_dir: Path, while_held: Callable[[], None] | None = None):
         self._path = state_dir / (DEAD_LETTER_NAME + ".lock")
+        self._while_held = while_held
         self._held = threading.Event()
         self._let_go = threading.Event()
         self._thread = threading.Thread(target=self._hold, name="test-lock-holder")
@@ -89,7 +115,10 @@ class LockHolder:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             self._held.set()
-            self._let_go.wait(HOLD_AT_MOST_S)
+            if self._while_held is not None:
+                self._while_held()
+            else:
+                self._let_go.wait(HOLD_AT_MOST_S)
         finally:
             os.close(fd)  # releases the lock
 
@@ -475,6 +504,118 @@ async def test_a_line_appended_during_replay_is_kept(dead_letters, state_dir, cl
     assert result.accepted == 1
     assert names_in(state_dir / DEAD_LETTER_NAME) == ["new"]
     assert [e.record["event"]["event_name"] for e in read_entries(state_dir)] == ["bad-1", "new"]
+
+
+async def replay_while_the_daemon_holds_the_lock(
+        state_dir: Path, intake: IntakeStub, daemon_does: Callable[[], None]
+) -> tuple[ReplayResult, bool]:
+    """Replay, with the daemon holding the lock from the intake's first request until
+    daemon_does returns; daemon_does runs under the lock once the replay has started
+    writing a new file (or after HOLD_AT_MOST_S if it never does). Returns the replay's
+    result and whether it wrote its new file while the daemon held the lock."""
+    rewritten_meanwhile = threading.Event()
+
+    def hold() -> None:
+        if within(HOLD_AT_MOST_S, lambda: bool(temp_files(state_dir))):
+            rewritten_meanwhile.set()
+        daemon_does()
+
+    holder = LockHolder(state_dir, while_held=hold)
+
+    async def take_the_lock(event: dict) -> None:
+        intake.on_request = None
+        holder.take()
+
+    intake.on_request = take_the_lock
+    try:
+        result = await replay(state_dir, base_url=intake.base_url)
+    finally:
+        holder.let_go()
+    return result, rewritten_meanwhile.is_set()
+
+
+async def test_a_replay_rewrites_while_the_daemon_holds_the_lock_and_keeps_its_new_line(
+        dead_letters, state_dir, intake):
+    """Steps: ok-1 and bad-1 are in the file; once the intake has ok-1, the daemon starts
+    an append (holds the lock); the replay reads the file and writes its new version
+    meanwhile; the daemon then adds its line (new) and lets go. Expect: the replay did its
+    rewrite without waiting for the daemon, and only waited to swap the file in: ok-1 is
+    gone, and bad-1 and new are there, in order."""
+    await add(dead_letters, "ok-1")
+    await add(dead_letters, "bad-1")
+
+    def finish_the_append() -> None:
+        with open(state_dir / DEAD_LETTER_NAME, "ab") as f:
+            f.write(record_line("new"))
+
+    result, rewritten_meanwhile = await replay_while_the_daemon_holds_the_lock(
+        state_dir, intake, finish_the_append)
+    assert rewritten_meanwhile
+    assert result.accepted == 1
+    assert names_in(state_dir / DEAD_LETTER_NAME) == ["bad-1", "new"]
+
+
+async def test_a_rotation_between_a_replays_read_and_its_swap_is_followed(
+        dead_letters, state_dir, intake):
+    """Steps: ok-1 and bad-1 are in the file; while the replay writes its new version, the
+    daemon (holding the lock) rotates the file to .1 and starts a new one with its line
+    new. Expect: the replay does not swap its stale copy over the new file; it finds ok-1
+    in .1 and removes it there: .1 holds bad-1 and the current file holds new."""
+    await add(dead_letters, "ok-1")
+    await add(dead_letters, "bad-1")
+    current = state_dir / DEAD_LETTER_NAME
+
+    def rotate() -> None:
+        os.replace(current, state_dir / f"{DEAD_LETTER_NAME}.1")
+        current.write_bytes(record_line("new"))
+
+    result, rewritten_meanwhile = await replay_while_the_daemon_holds_the_lock(
+        state_dir, intake, rotate)
+    assert rewritten_meanwhile
+    assert result.accepted == 1
+    assert names_in(state_dir / f"{DEAD_LETTER_NAME}.1") == ["bad-1"]
+    assert names_in(current) == ["new"]
+    assert not temp_files(state_dir)
+
+
+async def test_a_long_replay_removes_exactly_what_was_accepted_while_appends_go_on(
+        state_dir, clock, intake):
+    """Steps: four files of 5,000 entries kept for another reason, with 50 ok-* entries
+    spread through each; replay --reason contact_not_found; meanwhile the daemon keeps
+    dead-lettering new-* events until the replay returns. Expect: the 200 ok-* entries are
+    gone, every other line and every new-* line is there once, in order; and some appends
+    were made and done while the replay was writing a new file (it did not hold them)."""
+    state_dir.mkdir()
+    kept: list[str] = []
+    for suffix in (".3", ".2", ".1", ""):
+        data = []
+        for n in range(5050):
+            if n % 101 == 50:
+                data.append(record_line(f"ok{suffix}-{n}"))
+            else:
+                kept.append(f"kept{suffix}-{n}")
+                data.append(record_line(kept[-1], reason="rejected"))
+        (state_dir / (DEAD_LETTER_NAME + suffix)).write_bytes(b"".join(data))
+    daemon = DeadLetterFile(state_dir / DEAD_LETTER_NAME, max_bytes=1 << 30, keep_files=5,
+                            clock=clock)
+    replaying = asyncio.create_task(
+        replay(state_dir, base_url=intake.base_url, reason="contact_not_found"))
+    appended: list[str] = []
+    done_during_a_rewrite = 0
+    try:
+        while not replaying.done():
+            before = temp_files(state_dir)
+            appended.append(f"new-{len(appended)}")
+            await add(daemon, appended[-1], reason="rejected", status=422)
+            if before & temp_files(state_dir):  # the same new file, still being written
+                done_during_a_rewrite += 1
+            await asyncio.sleep(0)  # the replay's turn, even if an append never yielded
+    finally:
+        await daemon.close()
+    result = await replaying
+    assert (result.accepted, result.rejected, result.failed) == (200, [], 0)
+    assert names_listed(state_dir) == kept + appended
+    assert done_during_a_rewrite > 0
 
 
 async def test_an_append_after_a_replay_lands_in_the_rewritten_file(
