@@ -201,7 +201,7 @@ class Service:
         try:
             await self.upstream.close()
         finally:
-            self.dead_letters.close()
+            await self.dead_letters.close()
         if self._started:
             log.info("spool.written" if written else "service.drained", events=written,
                      drained=drained)

@@ -77,8 +77,8 @@ class Sender(Protocol):
 
 
 class DeadLetterSink(Protocol):
-    def append(self, event: Event, *, reason: str, status: int | None,
-               response_body: bytes) -> None: ...
+    async def append(self, event: Event, *, reason: str, status: int | None,
+                     response_body: bytes) -> None: ...
 
 
 class Workers:
@@ -213,9 +213,9 @@ class Workers:
         if self._paused_event is not None:
             self._queue.requeue_front(self._paused_event)
             self._paused_event = None
-        self._settle_cut_off()
+        await self._settle_cut_off()
 
-    def _settle_cut_off(self) -> None:
+    async def _settle_cut_off(self) -> None:
         """Summaries have no dedup key, so Intercom cannot drop a resend: a summary whose
         answer did not come back before the grace may already be counted, and resending it
         after a restart could count it twice. It is dead-lettered as unknown_outcome
@@ -224,8 +224,8 @@ class Workers:
         cut_off, self._cut_off = self._cut_off, []
         for event in cut_off:
             try:
-                self._dead_letters.append(event, reason=UNKNOWN_OUTCOME, status=None,
-                                          response_body=b"")
+                await self._dead_letters.append(event, reason=UNKNOWN_OUTCOME, status=None,
+                                                response_body=b"")
             except OSError as exc:
                 # Not recorded: keep it (a resend may double-count) rather than lose it.
                 log.error("deadletter.write_failed", reason=UNKNOWN_OUTCOME, error=repr(exc))
@@ -262,7 +262,7 @@ class Workers:
                 self._queue.requeue_front(event)
                 continue
             verdict = await self._send(event, i)
-            self._settle(event, verdict)
+            await self._settle(event, verdict)
 
     async def _send(self, event: Event, i: int | None = None) -> Verdict:
         """Pass the rate gate and send. If this is cancelled (not sent, or cut off on the
@@ -294,18 +294,20 @@ class Workers:
                 self._gate.release(None, None)
             raise
 
-    def _settle(self, event: Event, verdict: Verdict) -> None:
+    async def _settle(self, event: Event, verdict: Verdict) -> None:
         """Tell the gate, then act on the verdict. A failure in either (a bug) still
         leaves the event where the verdict says, then ends the worker with the error, so
         the service logs it and stops instead of carrying on with a broken gate."""
         try:
             self._gate.release(verdict.status, verdict.rate, verdict.retry_after_s)
         finally:
-            self._act(event, verdict)
+            await self._act(event, verdict)
 
-    def _act(self, event: Event, verdict: Verdict) -> None:
+    async def _act(self, event: Event, verdict: Verdict) -> None:
         """Put the event where the verdict says. If the bookkeeping around that fails (a
-        bug), an event that did not reach its place goes back to the queue."""
+        bug), an event that did not reach its place goes back to the queue. The one await
+        is the dead-letter append, and a CancelledError out of it means the line is in the
+        file (deadletter.py), so a cancellation never puts the event back."""
         outcome = verdict.outcome
         placed = outcome is Outcome.DELIVERED
         try:
@@ -313,15 +315,15 @@ class Workers:
             if outcome is Outcome.DELIVERED:
                 self._m_delivered.inc()
             elif outcome is Outcome.RATE_LIMITED:
-                placed = self._rate_limited(event, verdict)
+                self._rate_limited(event, verdict)
             elif outcome is Outcome.RETRY_LATER:
-                placed = self._retry_later(event, verdict)
+                await self._retry_later(event, verdict)
             elif outcome is Outcome.DEAD_LETTER:
-                placed = self._dead_letter(event, verdict, verdict.reason)
+                await self._dead_letter(event, verdict, verdict.reason)
             elif outcome is Outcome.PAUSE_AUTH:
-                placed = self._pause(event, verdict)
-        except BaseException:
-            if not placed:
+                self._pause(event, verdict)
+        except BaseException as exc:
+            if not placed and not isinstance(exc, asyncio.CancelledError):
                 self._queue.requeue_front(event)
             raise
 
@@ -343,11 +345,11 @@ class Workers:
         self._metrics.rate_limited.inc()
         self._queue.requeue_front(event)
 
-    def _retry_later(self, event: Event, verdict: Verdict) -> None:
+    async def _retry_later(self, event: Event, verdict: Verdict) -> None:
         attempts = event.attempts + 1
         if attempts >= self._retry.max_attempts:
             event.attempts = attempts
-            self._dead_letter(event, verdict, "retries_exhausted")
+            await self._dead_letter(event, verdict, "retries_exhausted")
             return
         cap = min(self._retry.max_delay_seconds,
                   self._retry.base_delay_seconds * 2 ** (attempts - 1))
@@ -360,12 +362,15 @@ class Workers:
         event.attempts = attempts
         self._queue.retry_later(event, delay)
 
-    def _dead_letter(self, event: Event, verdict: Verdict, reason: str) -> None:
+    async def _dead_letter(self, event: Event, verdict: Verdict, reason: str) -> None:
         if verdict.outcome is Outcome.DEAD_LETTER:
             event.attempts += 1
         try:
-            self._dead_letters.append(event, reason=reason, status=verdict.status,
-                                      response_body=verdict.body)
+            await self._dead_letters.append(event, reason=reason, status=verdict.status,
+                                            response_body=verdict.body)
+        except asyncio.CancelledError:  # cancelled, but the line is in the file
+            self._dead_lettered(event, verdict, reason)
+            raise
         except OSError as exc:
             # The disk refused the line (full, or permissions): the event must not vanish.
             # It waits as a retry; if the daemon stops first, the spool keeps it.
@@ -373,6 +378,9 @@ class Workers:
                                  error=repr(exc))
             self._queue.retry_later(event, self._retry.max_delay_seconds)
             return
+        self._dead_lettered(event, verdict, reason)
+
+    def _dead_lettered(self, event: Event, verdict: Verdict, reason: str) -> None:
         try:  # the event is in the file now: a failure below must not put it back
             self._metrics.events_forwarded.labels("dead_lettered", reason).inc()
             if self._on_dead_letter is not None:
@@ -413,7 +421,7 @@ class Workers:
                 verdict = await self._send(event)
                 if verdict.outcome is not Outcome.PAUSE_AUTH:
                     self._resume()
-                    self._settle(event, verdict)
+                    await self._settle(event, verdict)
                     return
                 try:
                     self._gate.release(verdict.status, verdict.rate, verdict.retry_after_s)
