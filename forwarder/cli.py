@@ -19,6 +19,7 @@ import orjson
 
 from . import __version__
 from .config import Config, ConfigError, load_config, render_effective
+from .preflight import preflight
 
 EXIT_CONFIG = 2
 EXIT_USAGE = 2  # as argparse's own usage errors
@@ -49,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("demo", help="run the daemon against an embedded fake Intercom with a "
                                 "realistic mix of events, and report what happened (no token)")
 
-    p = sub.add_parser("check-config", help="validate a config and print the effective one "
-                                            "(token redacted)")
+    p = sub.add_parser("check-config", help="check a config as serve would at start (every "
+                                            "problem, one a line) and print the effective "
+                                            "one (token redacted)")
     _config_arg(p)
 
     p = sub.add_parser("dead-letters", help="list or replay dead-lettered events")
@@ -97,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             return demo_main()
         if args.command == "check-config":
             cfg = _load(args.config)
+            if problems := preflight(cfg):
+                return _refuse(problems)
             sys.stdout.write(render_effective(cfg))
             return 0
         if args.command == "dead-letters":
@@ -104,11 +108,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "send":
             return _send(args)
     except ConfigError as exc:
-        print(f"intercom-forwarder: config error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _refuse([exc])
     except KeyboardInterrupt:
         return 130
     return 2
+
+
+def _refuse(problems: list[ConfigError]) -> int:
+    for problem in problems:
+        print(f"intercom-forwarder: config error: {problem}", file=sys.stderr)
+    return EXIT_CONFIG
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -117,12 +126,16 @@ def _serve(args: argparse.Namespace) -> int:
     from .service import Service
 
     cfg = _load(args.config)
+    # Taken once: each call wraps the passed fds in new socket objects.
+    sockets = listen_fds(os.environ)
+    if problems := preflight(cfg, socket_activated=bool(sockets)):
+        return _refuse(problems)  # before any log line: nothing has started
     configure_logging(cfg.log.level, cfg.log.format)
     _install_loop(args.loop)
 
     async def _main() -> int:
         service = Service(cfg, notifier=SystemdNotifier.from_env(os.environ),
-                          listen_sockets=listen_fds(os.environ))
+                          listen_sockets=sockets)
         freeze_startup_heap()
         code = await service.run()
         # Everything is delivered or spooled now: a late SIGTERM (systemd, a test, an
