@@ -26,6 +26,11 @@ EXIT_USAGE = 2  # as argparse's own usage errors
 EXIT_REJECTED = 1  # send: the daemon answered 4xx; sending the same event again cannot help
 EXIT_NOT_TAKEN = 3  # send: unreachable, or 503/5xx; the same event may be sent again later
 SEND_TIMEOUT_S = 5.0
+# Every reason a dead letter is written with: upstream.classify()'s DEAD_LETTER reasons
+# (404 contact_not_found, any other 4xx rejected) and workers' retries_exhausted.
+# unknown_outcome is for a summary whose answer had not come back when the stop's grace
+# ran out (issue 12 A8): it is set aside, not resent, as summaries have no dedup key.
+DEAD_LETTER_REASONS = ("contact_not_found", "rejected", "retries_exhausted", "unknown_outcome")
 
 
 def _config_arg(p: argparse.ArgumentParser) -> None:
@@ -62,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "accepted ones are removed from the file"))):
         q = dl.add_parser(name, help=help_text)
         _config_arg(q)
-        q.add_argument("--reason", help="only entries with this reason "
-                                        "(contact_not_found, rejected, retries_exhausted)")
+        q.add_argument("--reason", choices=DEAD_LETTER_REASONS,
+                       help="only entries with this reason")
 
     p = sub.add_parser("send", help="send one event to a running daemon (exit 0 accepted, "
                                     "1 rejected, 3 not taken or unreachable)")
@@ -187,6 +192,11 @@ def _dead_letters(args: argparse.Namespace) -> int:
     # stdout carries only the JSON lines people pipe into jq; log lines go to stderr.
     configure_logging(cfg.log.level, cfg.log.format)
     state_dir = Path(cfg.storage.state_dir)
+    if not state_dir.is_dir():
+        # Not "no dead letters": most likely a config other than the daemon's.
+        what = "is not a directory" if state_dir.exists() else "does not exist"
+        raise ConfigError("storage.state_dir", f"{state_dir} {what}; is this the daemon's "
+                                               "config (--config, FORWARDER_STORAGE__STATE_DIR)?")
     if args.dl_command == "list":
         out = sys.stdout.buffer
         for entry in read_entries(state_dir, reason=args.reason):

@@ -1,7 +1,8 @@
 """What the CLI refuses before doing anything, as an operator meets it: `python -m forwarder
 ...` in a subprocess, configured by a TOML file and FORWARDER_* variables only.
 
-check-config and serve refuse the same configs with the same lines (issue 12 C13).
+check-config and serve refuse the same configs with the same lines (issue 12 C13);
+dead-letters refuses a state dir that is not there and a reason that does not exist (C14).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "dG9rOnNlY3JldC10b2tlbg=="
@@ -73,3 +76,34 @@ def test_serve_refuses_what_check_config_refuses_with_the_same_lines_before_star
     assert served.stderr == checked.stderr
     assert served.stdout == ""
     assert not (tmp_path / "missing").exists()
+
+
+# --- dead-letters (C14) -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("action", ["list", "replay"])
+@pytest.mark.parametrize("make", [
+    pytest.param(lambda tmp: tmp / "no-such-state", id="missing"),
+    pytest.param(lambda tmp: (tmp / "a-file").write_text("") and tmp / "a-file",
+                 id="a-file"),
+])  # fmt: skip
+def test_dead_letters_with_no_state_dir_fails_naming_the_directory(tmp_path, action, make):
+    state_dir = make(tmp_path)
+    done = run("dead-letters", action,
+               env={"FORWARDER_STORAGE__STATE_DIR": str(state_dir),
+                    "FORWARDER_INTAKE__PORT": "1"})
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.startswith(f"intercom-forwarder: config error: storage.state_dir: "
+                                  f"{state_dir} ")
+    assert "FORWARDER_STORAGE__STATE_DIR" in done.stderr
+
+
+@pytest.mark.parametrize("action", ["list", "replay"])
+def test_dead_letters_refuses_a_reason_no_dead_letter_can_have(tmp_path, action):
+    """A misspelt reason used to match nothing and exit 0, as if there were none."""
+    done = run("dead-letters", action, "--reason", "contact-not-found",
+               env={"FORWARDER_STORAGE__STATE_DIR": str(tmp_path)})
+    assert (done.returncode, done.stdout) == (2, "")
+    assert "--reason: invalid choice: 'contact-not-found'" in done.stderr
+    for reason in ("contact_not_found", "rejected", "retries_exhausted"):
+        assert reason in done.stderr
