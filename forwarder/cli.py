@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import http.client
 import json
 import os
 import signal
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -217,7 +219,10 @@ def _dead_letters(args: argparse.Namespace) -> int:
 
 
 def _send(args: argparse.Namespace) -> int:
-    from .client import EventClient, build_event
+    """POST the event to /events/batch, as a batch of one: POST /events answers 202 with an
+    empty body (as Intercom does), while a batch's answer says whether the event was a
+    duplicate and which metadata keys were dropped."""
+    from .client import build_event
 
     try:
         metadata = _parse_metadata(args.metadata)
@@ -227,35 +232,81 @@ def _send(args: argparse.Namespace) -> int:
     event = build_event(args.event_name, user_id=args.user_id, email=args.email, id=args.id,
                         created_at=args.created_at, metadata=metadata or None)
     try:
-        if args.socket:
-            client = EventClient(unix_socket=args.socket, timeout_s=SEND_TIMEOUT_S)
-        elif args.url:
-            client = EventClient(args.url, timeout_s=SEND_TIMEOUT_S)
+        if args.socket or args.url:
+            conn, path, target = _daemon_connection(args.url or "", args.socket or "")
         else:
             intake = _load(args.config).intake
             host = "127.0.0.1" if intake.host in ("0.0.0.0", "::", "") else intake.host
-            client = EventClient(f"http://{host}:{intake.port}",
-                                 unix_socket=intake.unix_socket or None,
-                                 timeout_s=SEND_TIMEOUT_S)
+            conn, path, target = _daemon_connection(f"http://{host}:{intake.port}",
+                                                    intake.unix_socket)
     except ValueError as exc:  # a malformed --url
         print(f"intercom-forwarder send: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    with client:
-        reply = client.post_event(event)
-    answer = reply.body.decode("utf-8", "replace")
-    if reply.accepted:
-        print(f"{reply.status} accepted")
+    # The stdlib encoder, as forwarder.client's: NaN is refused, big integers pass.
+    body = json.dumps([event], separators=(",", ":"), allow_nan=False).encode()
+    try:
+        conn.request("POST", path, body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        status, answer = response.status, response.read()
+    except (OSError, http.client.HTTPException) as exc:
+        print(f"intercom-forwarder send: cannot reach the daemon at {target}: "
+              f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_NOT_TAKEN
+    finally:
+        conn.close()
+    return _report_sent(status, answer)
+
+
+def _daemon_connection(url: str, unix_socket: str
+                       ) -> tuple[http.client.HTTPConnection, str, str]:
+    """A connection to the daemon (not yet opened), the batch route's path, and the target
+    as messages name it. A url may carry a path prefix (a proxy in front of the intake)."""
+    from .client import UnixHTTPConnection
+
+    if unix_socket:
+        return UnixHTTPConnection(unix_socket, SEND_TIMEOUT_S), "/events/batch", \
+            f"unix:{unix_socket}"
+    parts = urlsplit(url)
+    try:
+        port = parts.port or 80
+    except ValueError:
+        raise ValueError(f"bad port in --url {url!r}") from None
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"--url must look like http://127.0.0.1:8377, got {url!r}")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return (http.client.HTTPConnection(parts.hostname, port, timeout=SEND_TIMEOUT_S),
+            parts.path.rstrip("/") + "/events/batch", f"http://{host}:{port}")
+
+
+def _report_sent(status: int, answer: bytes) -> int:
+    """Print what became of the one event and return send's exit code."""
+    text = answer.decode("utf-8", "replace")
+    if status == 202:
+        try:
+            result = orjson.loads(answer)
+            rejected, duplicates = result["rejected"], result["duplicates"]
+            truncated = result.get("truncated", [])
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            print(f"intercom-forwarder send: not a batch answer ({status}), is this the "
+                  f"daemon?: {text}", file=sys.stderr)
+            return EXIT_NOT_TAKEN
+        if rejected:
+            errors = {"type": "error.list", "errors": rejected[0]["errors"]}
+            print(f"intercom-forwarder send: rejected: {orjson.dumps(errors).decode()}",
+                  file=sys.stderr)
+            return EXIT_REJECTED
+        print(f"{status} duplicate (already sent within the dedup window; not forwarded again)"
+              if duplicates else f"{status} accepted")
+        for entry in truncated:
+            print("intercom-forwarder send: metadata keys dropped (Intercom keeps the first 10): "
+                  + ", ".join(entry["dropped_metadata_keys"]), file=sys.stderr)
         return 0
-    if reply.outcome == "rejected":
-        print(f"intercom-forwarder send: rejected ({reply.status}): {answer or reply.error}",
-              file=sys.stderr)
+    if 400 <= status < 500 and status not in (408, 429):
+        print(f"intercom-forwarder send: rejected ({status}): {text}", file=sys.stderr)
         return EXIT_REJECTED
-    if reply.status:
-        print(f"intercom-forwarder send: not taken ({reply.status}), try again later: "
-              f"{answer}", file=sys.stderr)
-    else:
-        print(f"intercom-forwarder send: cannot reach the daemon at {client.target}: "
-              f"{reply.error}", file=sys.stderr)
+    # 503 (queue full: the answer's not_taken names the event; shutting down), 5xx, 429.
+    print(f"intercom-forwarder send: not taken ({status}), try again later: {text}",
+          file=sys.stderr)
     return EXIT_NOT_TAKEN
 
 
