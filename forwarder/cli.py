@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("demo", help="run the daemon against an embedded fake Intercom with a "
                                 "realistic mix of events, and report what happened (no token)")
 
+    # Its options are fake_intercom.main's own: main() hands the rest of argv over, so the
+    # ~0.4 s import of aiohttp is paid only by this command.
+    sub.add_parser("fake-intercom", add_help=False,
+                   help="run a fake Intercom on 127.0.0.1:8378 to try the daemon by hand "
+                        "(see fake-intercom --help)")
+
     p = sub.add_parser("check-config", help="check a config as serve would at start (every "
                                             "problem, one a line) and print the effective "
                                             "one (token redacted)")
@@ -97,7 +103,13 @@ def _load(path: str | None) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "fake-intercom":
+        from .fake_intercom import main as fake_intercom_main
+        return fake_intercom_main(rest, prog=f"{parser.prog} fake-intercom")
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.command == "serve":
             return _serve(args)
