@@ -15,7 +15,6 @@ import os
 import signal
 import sys
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import orjson
 
@@ -272,22 +271,16 @@ def _send(args: argparse.Namespace) -> int:
 def _daemon_connection(url: str, unix_socket: str
                        ) -> tuple[http.client.HTTPConnection, str, str]:
     """A connection to the daemon (not yet opened), the batch route's path, and the target
-    as messages name it. A url may carry a path prefix (a proxy in front of the intake)."""
-    from .client import UnixHTTPConnection
+    as messages name it. The url is parsed as forwarder.client parses it (a path prefix,
+    for a proxy in front of the intake, is kept); its ValueError names a malformed one."""
+    from .client import UnixHTTPConnection, _Target
 
-    if unix_socket:
-        return UnixHTTPConnection(unix_socket, SEND_TIMEOUT_S), "/events/batch", \
-            f"unix:{unix_socket}"
-    parts = urlsplit(url)
-    try:
-        port = parts.port or 80
-    except ValueError:
-        raise ValueError(f"bad port in --url {url!r}") from None
-    if parts.scheme != "http" or not parts.hostname:
-        raise ValueError(f"--url must look like http://127.0.0.1:8377, got {url!r}")
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    return (http.client.HTTPConnection(parts.hostname, port, timeout=SEND_TIMEOUT_S),
-            parts.path.rstrip("/") + "/events/batch", f"http://{host}:{port}")
+    target = _Target.parse(url, unix_socket or None)
+    batch_path = target.path + "/batch"  # target.path is the prefix + "/events"
+    if target.unix_socket:
+        return UnixHTTPConnection(target.unix_socket, SEND_TIMEOUT_S), batch_path, str(target)
+    conn = http.client.HTTPConnection(target.host, target.port, timeout=SEND_TIMEOUT_S)
+    return conn, batch_path, str(target)
 
 
 def _report_sent(status: int, answer: bytes) -> int:
