@@ -33,6 +33,7 @@ from .notify import SystemdNotifier
 from .queue import EventQueue
 from .ratelimit import RateGate
 from .spool import Spool
+from .statedir import StateDirLock
 from .upstream import UpstreamClient
 from .workers import Workers
 
@@ -59,6 +60,7 @@ class Service:
         self._notifier = notifier
         self._listen_sockets = listen_sockets
         state_dir = Path(config.storage.state_dir)
+        self._state_lock = StateDirLock(state_dir)  # one daemon per state dir (issue 12 B9)
         self.metrics = Metrics()
         self.queue = EventQueue(config.queue.max_events, self.clock)
         self.dedup = DedupWindow(config.dedup.window_seconds, config.dedup.max_keys, self.clock)
@@ -121,6 +123,9 @@ class Service:
     # -- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
+        # First: before the spool is read or a socket bound, so a second daemon on this
+        # state dir leaves the first's files alone (raises StateDirBusy).
+        self._state_lock.acquire()
         if not self.config.intercom.access_token:
             raise ConfigError("intercom.access_token",
                               "no Intercom access token: set INTERCOM_ACCESS_TOKEN, "
@@ -146,6 +151,8 @@ class Service:
                  workers=self.config.workers.concurrency)
 
     async def stop(self) -> None:
+        if not self._state_lock.held:
+            return  # never started, or the start lost the lock: the files are another's
         if self._stopped:
             return
         self._stopped = True
@@ -176,6 +183,7 @@ class Service:
         await self.listener.close()
         self.dead_letters.close()
         log.info("service.stopped", spooled=written)
+        self._state_lock.release()  # last: the spool is written, the socket removed
 
     async def __aenter__(self) -> Self:
         try:
