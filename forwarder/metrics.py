@@ -2,14 +2,24 @@
 
 Each Service gets its own CollectorRegistry, so tests (and two services in one process)
 never share counters. Labels are low-cardinality by design: never an event name or a
-contact id.
+contact id. The registry also carries prometheus_client's standard process_* and python_*
+collectors (memory, CPU, open fds, GC, interpreter version), read from /proc at scrape time.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -139,6 +149,12 @@ class Metrics:
             "Events reloaded from the spool when the daemon started",
             registry=r,
         )
+
+        # The standard runtime metrics (the deploy docs size memory limits with
+        # process_resident_memory_bytes). Their own names, not intercom_forwarder_*.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
 
         # Series that exist from the start read 0 rather than absent, so rate() and
         # increase() see the first event of each kind.
