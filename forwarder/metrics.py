@@ -111,6 +111,12 @@ class Metrics:
         self.retry_waiting = Gauge(
             f"{PREFIX}_retry_waiting", "Events waiting for their retry time", registry=r
         )
+        self.events_held = Gauge(
+            f"{PREFIX}_events_held",
+            "Accepted events not yet settled: queued, waiting for a retry, at the rate gate, "
+            "on the wire, or held by the auth probe",
+            registry=r,
+        )
         self.upstream_requests = Counter(
             f"{PREFIX}_upstream_requests",
             "Requests sent to Intercom, by HTTP status (or 'error' for network failures)",
@@ -170,6 +176,10 @@ class Metrics:
         """Read queue sizes at scrape time, so the hot path never updates a gauge."""
         self.queue_depth.set_function(ready)
         self.retry_waiting.set_function(waiting)
+
+    def bind_held(self, held: Callable[[], int]) -> None:
+        """Read the number of unsettled events at scrape time (see bind_queue)."""
+        self.events_held.set_function(held)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -92,6 +92,7 @@ class Service:
                                  max_body_bytes=config.intake.max_body_bytes,
                                  unix_socket=config.intake.unix_socket, sockets=listen_sockets)
         self.metrics.bind_queue(lambda: self.queue.ready, lambda: self.queue.waiting)
+        self.metrics.bind_held(lambda: len(self.queue) + self.workers.holding)
         self._accepting = False
         self._started = False
         self._spool_loaded = False  # until then the spool on disk is the only copy

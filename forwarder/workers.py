@@ -107,6 +107,7 @@ class Workers:
         self._in_flight = 0
         self._stopping = False
         self._paused_event: Event | None = None  # the event that found the token refused
+        self._probe_event: Event | None = None  # the probe's event, at the gate or on the wire
         self._auth_log = LogThrottle(clock, AUTH_LOG_INTERVAL_S)
         self._dead_log = LogThrottle(clock, 10.0)
         fwd = metrics.events_forwarded
@@ -131,6 +132,15 @@ class Workers:
     @property
     def in_flight(self) -> int:
         return self._in_flight
+
+    @property
+    def holding(self) -> int:
+        """Events taken from the queue and not yet settled: at the rate gate, on the wire,
+        and the auth pause's event (kept for the probe, or being probed). With len(queue)
+        that is every accepted event not yet delivered or dead-lettered. A worker's state
+        is not IDLE exactly while it has an event in hand."""
+        in_hand = sum(1 for state in self._states if state is not _State.IDLE)
+        return in_hand + (self._paused_event is not None) + (self._probe_event is not None)
 
     async def drain(self, seconds: float, abort: asyncio.Event | None = None) -> bool:
         """Keep sending until nothing is queued or in flight, the time is spent, forwarding is
@@ -316,6 +326,7 @@ class Workers:
                 if event is None:
                     return
                 self._paused_event = None
+                self._probe_event = event
                 acquired = False
                 try:
                     waited = await self._gate.acquire()
@@ -328,10 +339,12 @@ class Workers:
                     finally:
                         self._in_flight -= 1
                 except BaseException:  # cancelled, or a bug: the event must not vanish
+                    self._probe_event = None
                     self._queue.requeue_front(event)
                     if acquired:
                         self._gate.release(None, None)
                     raise
+                self._probe_event = None  # settled below, with no await in between
                 self._gate.release(verdict.status, verdict.rate, verdict.retry_after_s)
                 if verdict.outcome is Outcome.PAUSE_AUTH:
                     self._record_request(verdict)
