@@ -5,29 +5,32 @@ Start: reload the spool into the queue, start the upstream client and the worker
 the intake, report ready (READY=1 to systemd). Stop, in reverse: refuse new events (503),
 drain for up to shutdown.drain_seconds, stop the workers (sends on the wire get a short
 grace), write every unsent event to the spool, close connections and listeners.
-A signal handler only sets a flag; a second SIGTERM/SIGINT skips the drain.
+A signal handler only sets a flag; a second SIGTERM/SIGINT skips the drain. SIGHUP
+reloads: the token and log.level are read again (reload()), nothing stops.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import signal
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Self
 
 import structlog
 
 from .clock import Clock, SystemClock
-from .config import Config, ConfigError
+from .config import Config, ConfigError, IntercomConfig, reread_token
 from .deadletter import DeadLetterFile
 from .dedup import DedupWindow
 from .intake.http import Intake
 from .intake.listen import Listener
 from .intake.proxy import EventsProxy
 from .intake.routes import Routes
+from .logs import LogThrottle, set_log_level
 from .metrics import Metrics
 from .notify import SystemdNotifier
 from .queue import EventQueue
@@ -53,12 +56,17 @@ class Service:
         rng: random.Random | None = None,
         notifier: SystemdNotifier | None = None,
         listen_sockets: Sequence[socket.socket] = (),
+        reload_config: Callable[[], Config] | None = None,
     ):
         self.config = config
         self.clock: Clock = clock or SystemClock()
         self._rng = rng or random.Random()
         self._notifier = notifier
         self._listen_sockets = listen_sockets
+        # What SIGHUP reads again (the CLI: the config file and the environment); without
+        # it, reload() reads the token again from where start-up found it.
+        self._reload_config = reload_config
+        self._reload_log = LogThrottle(self.clock, 60.0)  # the probe's failed re-reads
         state_dir = Path(config.storage.state_dir)
         self._state_lock = StateDirLock(state_dir)  # one daemon per state dir (issue 12 B9)
         self.metrics = Metrics()
@@ -76,7 +84,8 @@ class Service:
                                dead_letters=self.dead_letters, metrics=self.metrics,
                                clock=self.clock, retry=config.retry,
                                concurrency=config.workers.concurrency, rng=self._rng,
-                               on_dead_letter=self._forget_key)
+                               on_dead_letter=self._forget_key,
+                               refresh_token=self._refresh_token)
         # GET /events: reads share the workers' rate gate and client (ahead of writes).
         self.proxy = EventsProxy(gate=self.gate, upstream=self.upstream, readiness=self,
                                  metrics=self.metrics)
@@ -212,6 +221,8 @@ class Service:
         signals = (signal.SIGTERM, signal.SIGINT)
         for sig in signals:
             loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)  # its default would kill us
+        signals += (signal.SIGHUP,)
         try:
             await self.start()
             await self._stop_requested.wait()
@@ -220,6 +231,59 @@ class Service:
             for sig in signals:
                 loop.remove_signal_handler(sig)
         return self.exit_code
+
+    # -- reload (SIGHUP) and token rotation ----------------------------------------------
+
+    def reload(self) -> None:
+        """What SIGHUP does: read the token and log.level again and use them; other settings
+        that changed are named in the log and need a restart. A reload that fails keeps
+        everything as it was. While paused on 401/403, probe at once with the new token."""
+        try:
+            fresh = self._reload_config() if self._reload_config is not None else None
+            intercom = (fresh.intercom if fresh is not None
+                        else reread_token(self.config.intercom))
+            if not intercom.access_token:
+                raise ConfigError("intercom.access_token", "no Intercom access token now; "
+                                                           "keeping the one in use")
+        except (ConfigError, OSError) as exc:
+            log.error("service.reload_failed", trigger="sighup", error=str(exc))
+            return
+        level = fresh.log.level if fresh is not None else self.config.log.level
+        changed = [name for name, differs in (
+            ("token", intercom.access_token != self.config.intercom.access_token),
+            ("log.level", level != self.config.log.level)) if differs]
+        not_applied = _restart_needed(self.config, fresh) if fresh is not None else []
+        self._use_token(intercom)
+        # Logged before a new level applies, so that even "error" confirms the reload.
+        log.info("service.reloaded", trigger="sighup", changed=changed,
+                 token_source=intercom.access_token_source, not_applied=not_applied)
+        if "log.level" in changed:
+            self.config = dataclasses.replace(
+                self.config, log=dataclasses.replace(self.config.log, level=level))
+            set_log_level(level)
+        self.workers.probe_now()  # paused: try the (new) token now, not in up to 30 s
+
+    def _refresh_token(self) -> None:
+        """Before each auth probe: read the token file again, so that a secret manager or
+        a Kubernetes Secret that rewrites it heals a paused daemon with no signal at all.
+        A small file read on the loop, once per probe interval and only while paused."""
+        try:
+            intercom = reread_token(self.config.intercom)
+        except (ConfigError, OSError) as exc:
+            self._reload_log.error(log, "service.reload_failed", trigger="auth_probe",
+                                   error=str(exc))
+            return
+        if intercom.access_token and intercom.access_token != self.config.intercom.access_token:
+            self._use_token(intercom)
+            log.info("service.reloaded", trigger="auth_probe", changed=["token"],
+                     token_source=intercom.access_token_source, not_applied=[])
+
+    def _use_token(self, intercom: IntercomConfig) -> None:
+        ic = dataclasses.replace(self.config.intercom, access_token=intercom.access_token,
+                                 access_token_file=intercom.access_token_file,
+                                 access_token_source=intercom.access_token_source)
+        self.config = dataclasses.replace(self.config, intercom=ic)
+        self.upstream.set_token(ic.access_token)
 
     # -- internals ----------------------------------------------------------------------
 
@@ -268,3 +332,18 @@ class Service:
             self._notifier.watchdog()
             await self.clock.sleep(interval_s)
 
+
+def _restart_needed(old: Config, new: Config) -> list[str]:
+    """The keys whose new value a reload does not apply (everything but the token and
+    log.level), as `section.key`."""
+    keep = {"access_token", "access_token_file", "access_token_source"}
+    names = []
+    for section in dataclasses.fields(Config):
+        before, after = getattr(old, section.name), getattr(new, section.name)
+        for key in dataclasses.fields(before):
+            if (section.name, key.name) == ("log", "level") or (
+                    section.name == "intercom" and key.name in keep):
+                continue
+            if getattr(before, key.name) != getattr(after, key.name):
+                names.append(f"{section.name}.{key.name}")
+    return names

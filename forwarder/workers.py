@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol
 
 import structlog
@@ -86,6 +86,7 @@ class Workers:
         rng: random.Random | None = None,
         on_dead_letter: Callable[[Event], None] | None = None,
         probe_interval_s: float = AUTH_PROBE_INTERVAL_S,
+        refresh_token: Callable[[], None] | None = None,
     ):
         self._queue = queue
         self._gate = gate
@@ -108,6 +109,8 @@ class Workers:
         self._stopping = False
         self._paused_event: Event | None = None  # the event that found the token refused
         self._probe_event: Event | None = None  # the probe's event, at the gate or on the wire
+        self._refresh_token = refresh_token  # called before each probe: a rewritten token file
+        self._probe_wake = asyncio.Event()  # probe_now(): probe without waiting the interval
         self._auth_log = LogThrottle(clock, AUTH_LOG_INTERVAL_S)
         self._dead_log = LogThrottle(clock, 10.0)
         fwd = metrics.events_forwarded
@@ -141,6 +144,12 @@ class Workers:
         is not IDLE exactly while it has an event in hand."""
         in_hand = sum(1 for state in self._states if state is not _State.IDLE)
         return in_hand + (self._paused_event is not None) + (self._probe_event is not None)
+
+    def probe_now(self) -> None:
+        """While paused, probe at once instead of at the end of the interval (a reload put
+        a new token in place). Does nothing while forwarding runs."""
+        if self.paused:
+            self._probe_wake.set()
 
     async def drain(self, seconds: float, abort: asyncio.Event | None = None) -> bool:
         """Keep sending until nothing is queued or in flight, the time is spent, forwarding is
@@ -321,7 +330,9 @@ class Workers:
     async def _probe(self) -> None:
         try:
             while not self._stopping:
-                await self._clock.sleep(self._probe_interval_s)
+                await self._wait_for_probe()
+                if self._refresh_token is not None:
+                    self._refresh_token()  # a secret manager may have rewritten the file
                 event = self._paused_event
                 if event is None:
                     return
@@ -360,8 +371,26 @@ class Workers:
             if self._probe_task is asyncio.current_task():
                 self._probe_task = None
 
+    async def _wait_for_probe(self) -> None:
+        """The probe interval, cut short by probe_now()."""
+        if not self._probe_wake.is_set():
+            await _first_of(self._clock.sleep(self._probe_interval_s), self._probe_wake.wait())
+        self._probe_wake.clear()
+
     def _resume(self) -> None:
         log.info("upstream.auth_resumed")
+        self._probe_wake.clear()  # a probe_now() during the last probe is spent
         self._metrics.paused.set(0)
         self._running.set()
         self._changed.set()
+
+
+async def _first_of(*waits: Awaitable[object]) -> None:
+    """Wait until the first of `waits` finishes; cancel and reap the rest (on cancel too)."""
+    waiters = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
