@@ -153,12 +153,13 @@ def _serve(args: argparse.Namespace) -> int:
 
     async def _main() -> int:
         service = Service(cfg, notifier=SystemdNotifier.from_env(os.environ),
-                          listen_sockets=sockets)
+                          listen_sockets=sockets,
+                          reload_config=lambda: _load(args.config))  # SIGHUP
         freeze_startup_heap()
         code = await service.run()
         # Everything is delivered or spooled now: a late SIGTERM (systemd, a test, an
         # impatient operator) must not turn this exit 0 into death by signal in teardown.
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
         return code
 
