@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 from .config import Config, ConfigError
@@ -89,7 +90,18 @@ def _nearest_existing(path: Path) -> Path:
 
 
 def _writable(directory: Path) -> bool:
-    return os.access(directory, os.W_OK | os.X_OK)
+    """Whether a file can be created there. os.access() alone says yes to root everywhere,
+    /proc and read-only mounts included, so a root daemon would pass the check and then
+    fail at start: create and remove a probe file as well."""
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return False
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".forwarder-preflight-", dir=directory)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True
 
 
 def _who() -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,19 @@ def test_the_configs_in_tests_pass_so_the_rows_above_are_what_fails(tmp_path):
     assert preflight(config(tmp_path)) == []
     assert preflight(dataclasses.replace(config(tmp_path), intake=IntakeConfig(
         unix_socket=str(tmp_path / "intake.sock")))) == []
+
+
+def test_a_state_dir_on_a_read_only_mount_is_refused_even_for_root(tmp_path):
+    """os.access() says yes to root everywhere; serve as root would then fail at start."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a read-only tmpfs needs root")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        [problem] = preflight(config(tmp_path, state_dir=mount / "state"))
+        assert problem.key == "storage.state_dir" and "is not writable" in str(problem)
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
