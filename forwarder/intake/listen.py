@@ -1,23 +1,21 @@
-"""One aiohttp low-level server (routes.py says why not an Application) serving the intake
-on TCP and, when configured, a Unix socket (or on sockets handed over by systemd socket
-activation). Signals are not handled here: service.py owns them.
+"""One aiohttp AppRunner serving the intake's Application (routes.py) on TCP and, when
+configured, a Unix socket (or on sockets handed over by systemd socket activation).
+Signals are not handled here: service.py owns them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import socket
 import stat
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import structlog
 from aiohttp import web
 
-from .routes import Handler
+from .routes import Routes
 
 log = structlog.get_logger("forwarder.intake")
 
@@ -27,30 +25,21 @@ UNIX_SOCKET_MODE = 0o660
 class Listener:
     """Owns the runner and its sites; start() binds, close() unbinds and removes the socket file."""
 
-    def __init__(self, handler: Handler, *, host: str, port: int, max_body_bytes: int,
+    def __init__(self, routes: Routes, *, host: str, port: int, max_body_bytes: int,
                  unix_socket: str = "", sockets: Sequence[socket.socket] = ()):
-        self._handler = handler
+        self._routes = routes
         self._max_body_bytes = max_body_bytes
         self._host = host
         self._port = port
         self._unix_socket = unix_socket
         self._sockets = list(sockets)
-        self._runner: web.ServerRunner | None = None
+        self._runner: web.AppRunner | None = None
         self.addresses: list[str] = []
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        max_body = self._max_body_bytes
-
-        def make_request(message: Any, payload: Any, protocol: Any, writer: Any,
-                         task: asyncio.Task[None]) -> web.BaseRequest:
-            # request.read() enforces client_max_size on bodies without a Content-Length.
-            return web.BaseRequest(message, payload, protocol, writer, task, loop,
-                                   client_max_size=max_body)
-
+        app = self._routes.application(max_body_bytes=self._max_body_bytes)
         # access_log=None: a log line per request is the single largest cost on the hot path.
-        server = web.Server(self._handler, request_factory=make_request, access_log=None)
-        runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=2.0)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
         await runner.setup()
         self._runner = runner
         sites: list[web.BaseSite] = []
