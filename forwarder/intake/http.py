@@ -110,7 +110,7 @@ class Intake:
         self._count_rejected = received.labels("rejected")
         self._unknown_seen: set[str] = set()
         self._truncation_log = LogThrottle(clock, interval_s=10.0)
-        # (obj, received_at) -> verdict; partial() binds the rest without a Python frame.
+        # (obj, received_at) -> verdict, for this workspace.
         self._validate_event: Validator = functools.partial(validate_event, workspace_id)
 
     def add_routes(self, routes: Routes) -> None:
