@@ -1,13 +1,19 @@
 """Intercom's documented rules for data events: JSON in, a normalised Event or problems out.
 
-Pure: no I/O, no clock, no logging (intake logs and counts). Every rule cites the
-Intercom page it comes from; docs/validation.md lists them all. The pages are kept in
-/work/shared/intercom-docs:
+Pure: no I/O, no clock, no logging (intake logs and counts). docs/validation.md lists
+every rule with the Intercom page it comes from:
 
-- submit-a-data-event.md   POST /events: fields, metadata types, 10-key limit, dedup key
-- event-model.md           required fields, event-name normalisation
-- event-metadata-types.md  String, Number, Date, Link, Rich Link, Monetary Amount
-- intercom-openapi-2.14    create_data_event_request, create_data_event_summaries_request
+- submit: "Submit a data event", POST /events (fields, metadata types, "Metadata
+  behaviour", "Event de-duplication"):
+  https://developers.intercom.com/docs/references/rest-api/api.intercom.io/data-events/createdataevent
+- model: "The data event model" (required fields, event-name normalisation):
+  https://developers.intercom.com/docs/references/2.5/rest-api/data-events/event-model
+- types: "Event Metadata Types" (String, Number, Date, Link, Rich Link, Monetary Amount):
+  https://developers.intercom.com/docs/references/1.2/rest-api/data-events/event-metadata-types
+- openapi: Intercom's OpenAPI description 2.14 (create_data_event_request,
+  create_data_event_summaries_request): https://github.com/intercom/Intercom-OpenAPI;
+  POST /events/summaries is also described on
+  https://developers.intercom.com/docs/references/rest-api/api.intercom.io/data-events/dataeventsummaries
 
 Hot path: input is what orjson.loads produced, so types are checked with `type(x) is`
 (exact, fast, and bool is never taken for an int). One pass per field, the metadata dict
@@ -30,7 +36,7 @@ from forwarder.event import Event, Route
 INVALID = "parameter_invalid"
 NOT_FOUND = "parameter_not_found"  # Intercom's code for a missing required parameter
 
-MAX_METADATA_KEYS = 10  # submit-a-data-event.md, "Metadata behaviour"
+MAX_METADATA_KEYS = 10  # submit, "Metadata behaviour"
 MAX_TIMESTAMP_S = 10**11  # above this a "Unix timestamp" is really milliseconds
 
 _EVENT_FIELDS = frozenset(("event_name", "created_at", "user_id", "email", "id", "metadata"))
@@ -117,7 +123,7 @@ _key_prefixes: dict[str, blake2b] = {}
 def event_key(
     workspace_id: str, identity_kind: str, identity: str, event_name: str, created_at: int
 ) -> bytes:
-    """16-byte digest of Intercom's de-duplication key (submit-a-data-event.md, "Event
+    """16-byte digest of Intercom's de-duplication key (submit, "Event
     de-duplication"): workspace, contact external id, event name, created time.
 
     identity_kind ("user_id", "email", "id") is part of the key so that user_id "a@b.c"
@@ -161,7 +167,7 @@ def _kind(value: object) -> str:
 
 
 def _event_name(value: object, field: str, problems: list[Problem]) -> str | None:
-    """Required non-empty string, normalised as Intercom stores it (event-model.md):
+    """Required non-empty string, normalised as Intercom stores it (model):
     names are case-insensitive, and '.' and '$' are replaced with '-'."""
     if type(value) is str:
         if value and not value.isspace():
@@ -175,7 +181,7 @@ def _event_name(value: object, field: str, problems: list[Problem]) -> str | Non
 
 
 def _timestamp(value: object, field: str, problems: list[Problem]) -> int | None:
-    """Integer Unix seconds (event-model.md: "a UTC Unix timestamp"; the de-duplication
+    """Integer Unix seconds (model: "a UTC Unix timestamp"; submit's de-duplication
     note asks for second granularity). A float is truncated to whole seconds."""
     t = type(value)
     if t is float:
@@ -252,7 +258,7 @@ def _unknown(obj: dict, known: frozenset[str], prefix: str = "") -> tuple[str, .
 
 
 def _metadata(md: dict, problems: list[Problem]) -> tuple[dict, tuple[str, ...]]:
-    """Keep what Intercom keeps (submit-a-data-event.md, "Metadata behaviour"): null values
+    """Keep what Intercom keeps (submit, "Metadata behaviour"): null values
     are dropped, then the first 10 keys in the order sent; later keys are ignored by
     Intercom, so they are returned unchecked. Returns (metadata to send, dropped keys).
 
@@ -313,7 +319,7 @@ def _metadata(md: dict, problems: list[Problem]) -> tuple[dict, tuple[str, ...]]
 
 
 def _metadata_object(key: str, v: dict, problems: list[Problem]) -> None:
-    """The two object types event-metadata-types.md allows, with exactly their keys:
+    """The two object types the types page allows, with exactly their keys:
     Rich Link {url, value} and Monetary Amount {amount: positive int cents, currency}."""
     field = f"metadata.{key}"
     keys = v.keys()
@@ -385,7 +391,7 @@ def validate_event(
     elif type(created_at) is not int or not 0 < created_at <= MAX_TIMESTAMP_S:
         created_at = _timestamp(created_at, "created_at", problems)
 
-    # event-model.md: user_id "yes if no email", email "yes if no user_id", id "yes if
+    # model: user_id "yes if no email", email "yes if no user_id", id "yes if
     # no email or user_id". null is treated as absent, like every optional field here.
     user_id = get("user_id")
     email = get("email")
@@ -455,7 +461,7 @@ def validate_event(
 
 
 def validate_summaries(obj: object, received_at: float) -> Normalised | list[Problem]:
-    """A body for POST /events/summaries, following the OpenAPI schema
+    """A body for POST /events/summaries, following the openapi schema
     create_data_event_summaries_request: user_id plus ONE event_summaries object
     {event_name, count, first, last}. Not de-duplicated (key b"")."""
     if type(obj) is not dict:

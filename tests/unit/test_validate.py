@@ -1,6 +1,8 @@
 """validate.py: one parametrized row per documented rule, ids named after the rule.
 
-Rules come from /work/shared/intercom-docs (see docs/validation.md for the page of each).
+Rules come from Intercom's Data Events documentation; docs/validation.md names the page
+of each (for example "Submit a data event",
+https://developers.intercom.com/docs/references/rest-api/api.intercom.io/data-events/createdataevent).
 """
 
 from __future__ import annotations
