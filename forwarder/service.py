@@ -85,7 +85,7 @@ class Service:
         routes = Routes()
         self.intake.add_routes(routes)
         self.proxy.add_routes(routes)
-        self.listener = Listener(routes, host=config.intake.host,
+        self.listener = Listener(routes.dispatch, host=config.intake.host,
                                  port=config.intake.port,
                                  max_body_bytes=config.intake.max_body_bytes,
                                  unix_socket=config.intake.unix_socket, sockets=listen_sockets)

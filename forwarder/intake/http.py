@@ -123,14 +123,14 @@ class Intake:
 
     # -- routes -------------------------------------------------------------------------
 
-    async def post_event(self, request: web.Request) -> web.StreamResponse:
+    async def post_event(self, request: web.BaseRequest) -> web.StreamResponse:
         return await self._post_one(request, self._validate_event, 202)
 
-    async def post_summaries(self, request: web.Request) -> web.StreamResponse:
+    async def post_summaries(self, request: web.BaseRequest) -> web.StreamResponse:
         # Intercom answers POST /events/summaries 200, and so do we.
         return await self._post_one(request, validate_summaries, 200)
 
-    async def _post_one(self, request: web.Request, validate: Validator,
+    async def _post_one(self, request: web.BaseRequest, validate: Validator,
                         ok_status: int) -> web.StreamResponse:
         body = await self._read(request)
         if isinstance(body, web.Response):
@@ -151,7 +151,7 @@ class Intake:
             log.exception("intake.unexpected_error", route=request.path)
             return error_response(500, "server_error", "unexpected error in the forwarder")
 
-    async def post_batch(self, request: web.Request) -> web.StreamResponse:
+    async def post_batch(self, request: web.BaseRequest) -> web.StreamResponse:
         body = await self._read(request)
         if isinstance(body, web.Response):
             return body
@@ -161,17 +161,17 @@ class Intake:
             log.exception("intake.unexpected_error", route="/events/batch")
             return error_response(500, "server_error", "unexpected error in the forwarder")
 
-    async def healthz(self, request: web.Request) -> web.StreamResponse:
+    async def healthz(self, request: web.BaseRequest) -> web.StreamResponse:
         return web.Response(body=b'{"status":"ok"}', content_type=JSON)
 
-    async def readyz(self, request: web.Request) -> web.StreamResponse:
+    async def readyz(self, request: web.BaseRequest) -> web.StreamResponse:
         reason = self._readiness.not_ready_reason()
         if reason is None:
             return web.Response(body=b'{"ready":true}', content_type=JSON)
         return web.Response(status=503, body=orjson.dumps({"ready": False, "reason": reason}),
                             content_type=JSON)
 
-    async def metrics(self, request: web.Request) -> web.StreamResponse:
+    async def metrics(self, request: web.BaseRequest) -> web.StreamResponse:
         payload, content_type = self._metrics.render()
         resp = web.Response(body=payload)
         resp.headers["Content-Type"] = content_type
@@ -179,7 +179,7 @@ class Intake:
 
     # -- verdicts -----------------------------------------------------------------------
 
-    async def _read(self, request: web.Request) -> bytes | web.Response:
+    async def _read(self, request: web.BaseRequest) -> bytes | web.Response:
         """The body, or the answer that refuses the request: 503 while the forwarder stops,
         413 over max_body_bytes (read() enforces it, with or without a Content-Length).
 

@@ -1,6 +1,6 @@
-"""One aiohttp AppRunner serving the intake's Application (routes.py) on TCP and, when
-configured, a Unix socket (or on sockets handed over by systemd socket activation).
-Signals are not handled here: service.py owns them.
+"""One aiohttp low-level server (routes.py says why not an Application) serving the intake
+on TCP and, when configured, a Unix socket (or on sockets handed over by systemd socket
+activation). Signals are not handled here: service.py owns them.
 
 The Unix socket path is shared with whatever else runs on the host, so it is claimed with
 care: a socket file is removed at start only when nothing answers on it (a crashed run
@@ -12,6 +12,7 @@ bind): a daemon that took the path over meanwhile keeps its socket.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import os
@@ -19,11 +20,12 @@ import socket
 import stat
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import structlog
 from aiohttp import web
 
-from .routes import Routes
+from .routes import Handler
 
 log = structlog.get_logger("forwarder.intake")
 
@@ -35,15 +37,15 @@ class Listener:
     """Owns the runner and its sites; start() binds, close() unbinds and removes the socket
     file if it is still this run's."""
 
-    def __init__(self, routes: Routes, *, host: str, port: int, max_body_bytes: int,
+    def __init__(self, handler: Handler, *, host: str, port: int, max_body_bytes: int,
                  unix_socket: str = "", sockets: Sequence[socket.socket] = ()):
-        self._routes = routes
+        self._handler = handler
         self._max_body_bytes = max_body_bytes
         self._host = host
         self._port = port
         self._unix_socket = unix_socket
         self._sockets = list(sockets)
-        self._runner: web.AppRunner | None = None
+        self._runner: web.ServerRunner | None = None
         self._socket_id: tuple[int, int] | None = None  # (st_dev, st_ino) of our socket file
         self.addresses: list[str] = []
 
@@ -52,9 +54,18 @@ class Listener:
         if own_socket:
             # Before anything binds: a refusal must leave nothing of ours to clean up.
             _claim_socket_path(self._unix_socket)
-        app = self._routes.application(max_body_bytes=self._max_body_bytes)
+        loop = asyncio.get_running_loop()
+        max_body = self._max_body_bytes
+
+        def make_request(message: Any, payload: Any, protocol: Any, writer: Any,
+                         task: asyncio.Task[None]) -> web.BaseRequest:
+            # request.read() enforces client_max_size on bodies without a Content-Length.
+            return web.BaseRequest(message, payload, protocol, writer, task, loop,
+                                   client_max_size=max_body)
+
         # access_log=None: a log line per request is the single largest cost on the hot path.
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
+        server = web.Server(self._handler, request_factory=make_request, access_log=None)
+        runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=2.0)
         await runner.setup()
         self._runner = runner
         sites: list[web.BaseSite] = []

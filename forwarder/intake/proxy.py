@@ -117,14 +117,14 @@ class EventsProxy:
     def add_routes(self, routes: Routes) -> None:
         routes.add("GET", PATH, self.get_events)
 
-    async def get_events(self, request: web.Request) -> web.StreamResponse:
+    async def get_events(self, request: web.BaseRequest) -> web.StreamResponse:
         response = await self._answer(request)
         # Every answer counts, refused queries included: a read spends Intercom budget
         # that the workers then do not have, so an operator must be able to see them.
         self._reads.labels(str(response.status)).inc()
         return response
 
-    async def _answer(self, request: web.Request) -> web.StreamResponse:
+    async def _answer(self, request: web.BaseRequest) -> web.StreamResponse:
         problems = check_query(request.query)
         if problems:
             return web.Response(status=400, body=error_body(problems), content_type=JSON)

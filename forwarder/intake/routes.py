@@ -1,24 +1,18 @@
-"""The intake's routes on aiohttp's own router (a web.Application), with every refusal
-in the shape Intercom's API uses.
+"""The intake's route table: (method, path) -> handler, served by aiohttp's low-level server.
 
-aiohttp's router matches (method, path), serves HEAD with the GET handler, answers
-"Expect: 100-continue" before the handler reads the body (curl sends it for bodies over
-1 KiB and would otherwise wait a second before sending a batch), and enforces the body
-limit (client_max_size: request.read() raises 413 with or without a Content-Length).
-What is ours is the answer to what it refuses, so an app sees one error shape from every
-route (aiohttp's own 404/405/417 are plain text): a catch-all route, added last, gets
-every request no route took and answers 404, or 405 with Allow when the path is known;
-an expect handler answers an unknown Expect with 417.
+Why not aiohttp's web.Application and its router: per request it resolves the URL
+through the router, builds a match-info object, a full Request and the middleware chain.
+Issue 12 (E24) measured the switch on the tree with every other part-E simplification in
+it: 12,700 more instructions per single event with the router (288.5k to 301.2k,
+bench/callgrind_intake.py; 21,000 more again with a middleware for Intercom's error
+shape), and single events at 0.69x the bare aiohttp handler (bench/run_intake.py, 20
+interleaved pairs), under the 0.7x floor. So it stays a dict lookup: the intake has six
+fixed paths and no path parameters. bench/RESULTS.md has the figures and commands.
 
-Why a catch-all route and not a middleware (aiohttp's usual place to reshape errors): a
-middleware wraps every request, +21,000 instructions per single event (303k to 324k,
-bench/callgrind_intake.py), which would have taken the single-event figure to the floor;
-the catch-all runs only when nothing else matched.
-
-Until issue 12 (E24) a dict lookup on aiohttp's low-level web.Server did the routing, for
-~6% fewer instructions per single event, at the price of re-implementing all of the
-above. bench/RESULTS.md ("before and after issue 12 part E") shows the router keeps the
-single-event floor (>= 0.7x the bare aiohttp handler).
+What the router did that still matters is kept here: 404 for an unknown path, 405 with an
+Allow header for a known path and the wrong method, HEAD served by the GET handler, and
+"Expect: 100-continue" answered before the handler reads the body (curl sends it for
+bodies over 1 KiB and would otherwise wait a second before sending the batch).
 """
 
 from __future__ import annotations
@@ -26,11 +20,11 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 import orjson
-from aiohttp import HttpVersion11, hdrs, web
+from aiohttp import HttpVersion11, web
 
 JSON = "application/json"
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
 def error_response(status: int, code: str, message: str, field: str | None = None,
@@ -44,51 +38,59 @@ def error_response(status: int, code: str, message: str, field: str | None = Non
 
 
 class Routes:
-    """The intake's route table: (method, path) -> handler, GET routes also serving HEAD.
-    `application()` builds the aiohttp Application that serves it (listen.py runs it)."""
+    """Fixed routes, matched on the exact method and path; `dispatch` is the server's handler."""
 
     def __init__(self) -> None:
-        self._routes: list[tuple[str, str, Handler]] = []
+        self._handlers: dict[tuple[str, str], Handler] = {}
+        self._methods: dict[str, list[str]] = {}  # path -> methods, for 405's Allow
 
     def add(self, method: str, path: str, handler: Handler) -> None:
-        if any((m, p) == (method, path) for m, p, _ in self._routes):
-            raise ValueError(f"route {method} {path} is already taken")
-        self._routes.append((method, path, handler))
+        methods = (method, "HEAD") if method == "GET" else (method,)
+        for m in methods:
+            if (m, path) in self._handlers:
+                raise ValueError(f"route {m} {path} is already taken")
+            self._handlers[(m, path)] = handler
+            self._methods.setdefault(path, []).append(m)
 
-    def application(self, *, max_body_bytes: int) -> web.Application:
-        app = web.Application(client_max_size=max_body_bytes)
-        resources: dict[str, web.Resource] = {}  # one per path, in the order added
-        for method, path, handler in self._routes:
-            resource = resources.get(path)
-            if resource is None:
-                resource = resources[path] = app.router.add_resource(path)
-            if method == hdrs.METH_GET:
-                resource.add_route(hdrs.METH_HEAD, handler, expect_handler=_expect)
-            resource.add_route(method, handler, expect_handler=_expect)
-        # The router tries the exact paths first and this last, for any path and method.
-        app.router.add_route("*", "/{path:.*}", self._no_route, expect_handler=_expect)
-        return app
+    def dispatch(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
+        # A plain function that returns the handler's coroutine for aiohttp to await, so a
+        # request runs in one coroutine, not two (the server only awaits what it gets).
+        # raw_path is the request target as sent: no URL object is built and decoded for it.
+        # It carries any query string or %-escapes, so on a miss the decoded path decides.
+        handler = self._handlers.get((request.method, request.raw_path))
+        if handler is None:
+            handler = self._handlers.get((request.method, request.path))
+            if handler is None:
+                return self._no_route(request)
+        if "Expect" in request.headers:
+            return self._expect_then(request, handler)
+        return handler(request)
 
-    async def _no_route(self, request: web.Request) -> web.Response:
-        allowed = {m for m, path, _ in self._routes if path == request.path}
-        if not allowed:
+    async def _expect_then(self, request: web.BaseRequest,
+                           handler: Handler) -> web.StreamResponse:
+        refused = await self._expect(request)
+        if refused is not None:
+            return refused
+        return await handler(request)
+
+    async def _no_route(self, request: web.BaseRequest) -> web.Response:
+        allowed = self._methods.get(request.path)
+        if allowed is None:
             return error_response(404, "not_found",
                                   f"no route {request.path}; see the README for the routes")
-        if hdrs.METH_GET in allowed:
-            allowed.add(hdrs.METH_HEAD)
         return error_response(405, "method_not_allowed",
                               f"{request.method} is not allowed on {request.path}",
                               headers={"Allow": ", ".join(sorted(allowed))})
 
-
-async def _expect(request: web.Request) -> web.StreamResponse | None:
-    """aiohttp's default expect handler, except that its 417 is in Intercom's shape."""
-    if request.version != HttpVersion11:
+    @staticmethod
+    async def _expect(request: web.BaseRequest) -> web.Response | None:
+        """What aiohttp's router does for Expect: 100-continue; None means go on."""
+        if request.version != HttpVersion11:
+            return None
+        expect = request.headers["Expect"]
+        if expect.lower() != "100-continue":
+            return error_response(417, "expectation_failed", f"unknown Expect: {expect}",
+                                  field="Expect")
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the 100 is not part of the response proper
         return None
-    expect = request.headers[hdrs.EXPECT]
-    if expect.lower() != "100-continue":
-        return error_response(417, "expectation_failed", f"unknown Expect: {expect}",
-                              field="Expect")
-    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-    request.writer.output_size = 0  # the 100 is not part of the response proper
-    return None
