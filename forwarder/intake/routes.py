@@ -3,7 +3,7 @@
 Why not aiohttp's web.Application and its router: per request it resolves the URL
 through the router, builds a match-info object, a full Request and the middleware chain.
 Issue 12 (E24) measured the switch on the tree with every other part-E simplification in
-it: 12,700 more instructions per single event with the router (288.5k to 301.2k,
+it: 12,400 more instructions per single event with the router (299.6k to 312.0k,
 bench/callgrind_intake.py; 21,000 more again with a middleware for Intercom's error
 shape), and single events at 0.69x the bare aiohttp handler (bench/run_intake.py, 20
 interleaved pairs), under the 0.7x floor. So it stays a dict lookup: the intake has six
