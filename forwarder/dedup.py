@@ -30,7 +30,7 @@ adds and forgets a key per refused event; 2M such cycles used to leave ~16 MB be
 each generation counts its stale entries and is compacted (rebuilt from its live
 entries) once they outnumber its live ones by more than _STALE_SLACK: the compaction
 costs one pass over the generation, paid for by the forgets that made it necessary, and
-it pauses the loop for one generation at most, never for the whole window. Likewise the
+it pauses the loop for that one generation's keys, not the whole window's. Likewise the
 count bound's cursor: once it has passed half of a generation's array, the passed half
 is cut off, so a small window under heavy traffic does not keep every key it evicted.
 """
@@ -70,7 +70,9 @@ class _Generation:
 class DedupWindow:
     """Remembers keys for at least window_seconds, holding at most max_keys (oldest out first).
 
-    contains() and add() are O(1) amortised; expiry of a generation costs one pass over it.
+    contains(), add() and forget() are O(1) amortised; expiry of a generation costs one
+    pass over it. Whatever was forgotten or evicted, the arrays hold at most ~4 entries
+    (32 bytes) per max_keys plus ~32 KB, beside the dict's one entry per live key.
     """
 
     __slots__ = ("_clock", "_gens", "_max_keys", "_where", "_width_s", "_window_s")
