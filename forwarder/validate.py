@@ -23,6 +23,7 @@ are reported; the body is serialised once.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -121,9 +122,19 @@ def event_key(
     The workspace is hashed first and on its own: keys are kept in the spool across
     restarts, so the digest of the same event must not change from one version to the next.
     """
-    h = blake2b(orjson.dumps(workspace_id), digest_size=16)
+    h = _workspace_hasher(workspace_id).copy()
     h.update(orjson.dumps((identity_kind, identity, event_name, created_at)))
     return h.digest()
+
+
+@functools.lru_cache(maxsize=16)  # workspaces come from config: one or two
+def _workspace_hasher(workspace_id: str) -> blake2b:
+    """A hasher already fed with the workspace, for event_key to copy (hashlib's copy():
+    digests that share an initial substring) instead of building one per event.
+
+    Kept for the batch floor (0.15x bare; measured 0.15-0.20 without it): with the
+    positional Normalised in validate_event, +6.5% batch events/s (bench/ab_intake.py)."""
+    return blake2b(orjson.dumps(workspace_id), digest_size=16)
 
 
 # --- shared field rules --------------------------------------------------------------
@@ -362,17 +373,15 @@ def validate_event(
     if metadata:
         out["metadata"] = metadata
     kind, value = next(iter(identity.items()))  # user_id, else email, else id
-    return Normalised(
-        event=Event(
-            # orjson's bytes as they come (in a ~4 KB buffer): the queue keeps an exact copy
-            body=orjson.dumps(out),
-            key=event_key(workspace_id, kind, value, name, created_at),
-            route=Route.EVENTS,
-            first_received_at=received_at,
-        ),
-        dropped_metadata_keys=dropped,
-        unknown_fields=_unknown(obj, _EVENT_FIELDS),
+    event = Event(
+        # orjson's bytes as they come (in a ~4 KB buffer): the queue keeps an exact copy
+        body=orjson.dumps(out),
+        key=event_key(workspace_id, kind, value, name, created_at),
+        route=Route.EVENTS,
+        first_received_at=received_at,
     )
+    # Positional (keywords build a dict per call): see _workspace_hasher for the figure.
+    return Normalised(event, dropped, _unknown(obj, _EVENT_FIELDS))
 
 
 def _created_at(value: object, received_at: float, problems: list[Problem]) -> int | None:
