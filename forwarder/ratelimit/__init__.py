@@ -12,6 +12,7 @@
 from .gate import FleetPart, RateGate
 from .headers import BEHIND_BACKOFF_S, FIRST_BACKOFF_S, TOO_MANY_REQUESTS, HeaderBudget
 from .local import PACING_TICK_S, Bucket, LocalLimiter, TickedLimiter
+from .share import FleetShare
 
 __all__ = [
     "BEHIND_BACKOFF_S",
@@ -20,6 +21,7 @@ __all__ = [
     "TOO_MANY_REQUESTS",
     "Bucket",
     "FleetPart",
+    "FleetShare",
     "HeaderBudget",
     "LocalLimiter",
     "RateGate",

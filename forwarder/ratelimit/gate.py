@@ -26,6 +26,7 @@ from aiolimiter import AsyncLimiter
 
 from .headers import HeaderBudget
 from .local import LocalLimiter, TickedLimiter
+from .share import FleetShare
 
 if TYPE_CHECKING:
     from forwarder.clock import Clock
@@ -72,6 +73,7 @@ class RateGate:
             else TickedLimiter(AsyncLimiter(requests, per_seconds))
         )
         self.headers = HeaderBudget(per_seconds, clock)
+        self.share = FleetShare(per_seconds, rng)
         self._fleet = fleet
         self._in_flight = 0
         self._waiters: list[asyncio.Future[None]] = []
@@ -81,7 +83,7 @@ class RateGate:
         h = self.headers
         return (
             f"RateGate(in_flight={self._in_flight}, remaining={h.remaining}, "
-            f"limit={h.limit}, held_until={self.held_until})"
+            f"limit={h.limit}, held_until={self.held_until}, share={self.share.share:.3f})"
         )
 
     @property
@@ -121,6 +123,7 @@ class RateGate:
                 self._priority_waiting -= 1
                 self._wake()  # normal waiters held back behind this one re-check
         self._in_flight += 1
+        self.share.on_send(self.headers, self._clock.monotonic())
         return self._clock.monotonic() - started
 
     def release(
@@ -129,6 +132,7 @@ class RateGate:
         """After the answer (status None for a network error): in_flight -= 1, then learn."""
         self._in_flight = max(0, self._in_flight - 1)
         self.headers.learn(status, rate, retry_after_s, self._clock.monotonic())
+        self.share.observe(rate, self._in_flight, self.headers)
         if self._fleet is not None:
             self._fleet.observe(status, rate)
         self._wake()
@@ -145,6 +149,12 @@ class RateGate:
         (math.inf: only a release or a priority pass can change the answer)."""
         now = self._clock.monotonic()
         delay = self.headers.delay(now, self._in_flight)
+        if delay > 0:
+            return delay
+        if self._fleet is None:
+            delay = self.share.delay(now, self._in_flight, self.headers)
+        elif (cap := self._fleet.fallback_share) is not None:
+            delay = self.share.delay(now, self._in_flight, self.headers, cap)
         if delay > 0:
             return delay
         if not priority and self._priority_waiting:
