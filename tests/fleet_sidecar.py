@@ -94,7 +94,8 @@ class Sidecar:
         self._tasks = [asyncio.create_task(self._send_loop()) for _ in range(self.senders)]
 
     async def stop(self) -> None:
-        """Stop sending; an event cut off in flight goes back to the supply."""
+        """Stop sending; an event cut off in flight goes back to the supply (so sidecars
+        sharing one supply stop together: asyncio.gather their stop())."""
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

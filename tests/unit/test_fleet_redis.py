@@ -190,9 +190,8 @@ async def test_sidecars_sharing_redis_spend_one_budget_without_a_429(redis_serve
         for car in cars:
             await car.start()
         await fake.wait_for_delivered(75, timeout=5.0)
-    finally:
-        for car in cars:
-            await car.stop()
+    finally:  # all at once: an event cut off at one must not be resent by another
+        await asyncio.gather(*(car.stop() for car in cars))
         await fake.stop()
     assert fake.rate_limited == 0
     assert fake.duplicates == 0
@@ -319,9 +318,8 @@ async def test_redis_killed_and_restarted_mid_run_sidecars_keep_sending_and_reco
                        for c, n in zip(cars, leased_down))
 
         await poll(leasing_again, timeout=5.0)
-    finally:
-        for car in cars:
-            await car.stop()
+    finally:  # all at once: an event cut off at one must not be resent by another
+        await asyncio.gather(*(car.stop() for car in cars))
         await fake.stop()
     events = [e["event"] for e in captured_logs if e["event"].startswith("fleet.")]
     assert events.count("fleet.redis_unavailable") == 2
