@@ -22,8 +22,11 @@ it. When a window ends (an answer carries a later Reset), the share kept is 3/4 
 window's and 1/4 the last one (at most double the last), so one noisy window does not
 swing it; 0.98 or more is "alone" (1.0). Why it converges: if every daemon spends its
 share s_i of the window, each measures s_i / sum(s_j) next window, so the shares sum to
-one after a window whatever they started at, and a daemon with less to send spends less,
-so the others' shares grow into what it leaves.
+one after a window whatever they started at. A daemon with less to send spends less than
+its share; one that ran out of quota in a window where the app left budget unused scales
+its share up by the unused part (at most 4x a window, else 2x), so the others grow into
+what it leaves. A daemon paced so low that a window holds too few of its answers to
+measure, while it had more to send, doubles its share.
 
 While others are seen (share < 1), three rules apply on top of the header budget:
 1. Quota: at most share * Limit * FILL sends per window (FILL leaves room for the
@@ -77,6 +80,8 @@ class FleetShare:
         self._sends = 0
         self._quota = 0
         self._next_at = 0.0  # monotonic: when the next paced send may start
+        self._hit_quota = False  # this window's quota ran out while there was more to send
+        self._hit_quota_before = False  # the same for the window before (closed late)
 
     def __repr__(self) -> str:
         return f"FleetShare(share={self.share:.3f}, others_seen={self._others - self._others_base})"
@@ -128,12 +133,25 @@ class FleetShare:
     def _close(self) -> None:
         window_share = self._window_share() if self._reset_at is not None else None
         if window_share is None:
+            if self.share < 1.0 and (self._hit_quota or self._hit_quota_before):
+                # Too few answers to measure (a daemon paced to a send or two a window
+                # gets no second answer) while it had more to send: without this it could
+                # never measure its way up again.
+                self.share = min(1.0, 2 * self.share)
             return
+        used = self._limit - self._lowest
+        step = 2.0  # at most doubling a window, so one odd window is no jump
+        if window_share < 1.0 and (self._hit_quota or self._hit_quota_before) \
+                and 0 < used < FILL * self._limit:
+            # This daemon had more to send than its quota while the app left budget
+            # unused (others had less to send): grow into what they left, faster.
+            window_share *= FILL * self._limit / used
+            step = 4.0
         if self.share >= 1.0:
             mean = window_share
         else:  # mostly the new (a share learnt low must climb back fast: it wastes budget),
-            # some of the old against noise, and at most doubling, so one odd window is no jump
-            mean = min(0.25 * self.share + 0.75 * window_share, 2 * self.share)
+            # some of the old against noise
+            mean = min(0.25 * self.share + 0.75 * window_share, step * self.share)
         self.share = 1.0 if mean >= ALONE_SHARE else max(MIN_SHARE, mean)
 
     # -- pacing --------------------------------------------------------------------------
@@ -147,6 +165,7 @@ class FleetShare:
             return 0.0
         self._enter(headers, share, in_flight)
         if self._sends >= self._quota:
+            self._hit_quota = True
             return max(headers.window_ends - now, 1e-3)
         if headers.remaining is not None and in_flight >= max(1.0, share * headers.remaining):
             return math.inf
@@ -167,6 +186,7 @@ class FleetShare:
         if headers.window_ends == self._paced_ends:
             return
         self._paced_ends = headers.window_ends
+        self._hit_quota_before, self._hit_quota = self._hit_quota, False
         same = (not headers.window_assumed and headers.window_reset_at is not None
                 and headers.window_reset_at == self._reset_at)
         self._sends = self._answered + self._blind + in_flight if same else 0
