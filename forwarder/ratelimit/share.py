@@ -122,13 +122,18 @@ class FleetShare:
 
         Others' growth below `evidence` is noise, and it proves "alone" only if this
         daemon sent plenty meanwhile: a daemon paced to a few sends a window sees little
-        growth between two close answers, which says nothing about the others.
+        growth between two close answers, which says nothing about the others. A share
+        is read only over a stretch where the app used a tenth of its Limit or more.
         """
         evidence = max(MIN_EVIDENCE, 0.01 * self._limit)
         own, others = self._sent - self._sent_base, self._others - self._others_base
-        if others >= evidence:
+        if others >= evidence and own + others >= 0.1 * self._limit:
+            # (Not from the first few answers: 1 send against 12 of others' at the start
+            # of a window said 8% where the share was 20%, and climbing back took windows.)
             return max(MIN_SHARE, own / (own + others))
-        return 1.0 if own >= 4 * evidence else None
+        if others < evidence and own >= 4 * evidence:
+            return 1.0
+        return None
 
     def _close(self) -> None:
         window_share = self._window_share() if self._reset_at is not None else None
