@@ -57,7 +57,7 @@ log = structlog.get_logger("forwarder.fleet")
 
 TOO_MANY_REQUESTS = 429
 MAX_LEASE = 8  # permits per lease: <= 0.125 round trips per request when busy, and few lost
-BUSY_S = 0.1  # a lease used up within this is doubled next time (up to MAX_LEASE)
+BUSY_S = 0.25  # a lease used up within this is doubled next time (up to MAX_LEASE)
 REFILL_DELAY_S = 0.02  # after a spent window's end, before asking again (clock skew)
 REFILL_JITTER_S = 0.005  # spread N daemons' leases at a window's start a little
 

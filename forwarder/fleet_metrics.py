@@ -9,7 +9,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 PREFIX = "intercom_forwarder"
-OPS = ("lease", "report", "hold", "dedup", "forget")
+OPS = ("lease", "hold", "dedup", "forget")
 RESULTS = ("ok", "error", "timeout", "skipped")
 
 
