@@ -39,12 +39,22 @@ class Supply:
 
     def __init__(self, events: list[Event] | None = None):
         self.events: deque[Event] = deque(events or ())
+        self._added = asyncio.Event()
 
-    def take(self) -> Event | None:
-        return self.events.popleft() if self.events else None
+    async def get(self) -> Event:
+        """The next event, waiting for one if there is none."""
+        while not self.events:
+            self._added.clear()
+            await self._added.wait()
+        return self.events.popleft()
+
+    def extend(self, events: list[Event]) -> None:
+        self.events.extend(events)
+        self._added.set()
 
     def put_back(self, event: Event) -> None:
         self.events.appendleft(event)
+        self._added.set()
 
 
 class Sidecar:
@@ -108,22 +118,9 @@ class Sidecar:
         if self.redis is not None:
             await self.redis.close()
 
-    async def kill(self) -> None:
-        """Die as a killed process would: no permit returned, nothing flushed."""
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self.budget is not None:
-            await self.budget.stop()
-        await self.upstream.close()
-        if self.redis is not None:
-            await self.redis.close()
-
     async def _send_loop(self) -> None:
         while True:
-            event = self.supply.take()
-            if event is None:
-                return
+            event = await self.supply.get()
             try:
                 await self.gate.acquire()
             except asyncio.CancelledError:
