@@ -166,7 +166,8 @@ async def test_remaining_falling_faster_than_own_sends_paces_the_next_window():
     gate = RateGate(1000, 10.0, clock, limiter=NoLocalLimit(), rng=random.Random(3))
     await others_spend_a_window(gate, clock, WALL0 + 10, own=10, others_each=3)
     assert gate.share.current() == pytest.approx(0.25, abs=0.01)
-    clock.advance(WALL0 + 10 - clock.wall() + 1e-6)  # the reset: the next window, assumed to hold 100
+    # the reset: the next window, assumed to hold Limit (100)
+    clock.advance(WALL0 + 10 - clock.wall() + 1e-6)
     sent_at: list[float] = []
 
     async def send_all() -> None:
