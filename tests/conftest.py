@@ -99,3 +99,27 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> Non
             await asyncio.sleep(0.005)
 
     await asyncio.wait_for(_poll(), timeout)
+
+
+# --- fleet (issue 14): a real redis-server per test, on a Unix socket in tmp_path ----------
+
+UNIX_PATH_MAX = 100  # sun_path holds 108 bytes; long test names make tmp_path longer
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Any:
+    import tempfile
+
+    from tests.redis_server import RedisServer, require_redis_server
+
+    binary = require_redis_server()
+    with tempfile.TemporaryDirectory(prefix="fwd-redis-") as short:
+        sock = tmp_path / "redis.sock"
+        if len(str(sock)) > UNIX_PATH_MAX:
+            sock = Path(short) / "redis.sock"
+        server = RedisServer(binary, sock, tmp_path / "redis.log")
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()

@@ -453,7 +453,14 @@ async def simulate(
             gate.release(status, headers)
 
     tasks = [asyncio.ensure_future(worker()) for _ in range(workers)]
-    end = clock.monotonic() + windows * 10.0
+    await run_clock(clock, tasks, windows * 10.0)
+    return intercom
+
+
+async def run_clock(clock: FakeClock, tasks: list[asyncio.Future[None]], seconds: float) -> None:
+    """Let the tasks run for `seconds` of FakeClock time, jumping from one sleeper's
+    deadline to the next; then cancel them."""
+    end = clock.monotonic() + seconds
     try:
         while clock.monotonic() < end:
             await settle(30)
@@ -464,7 +471,6 @@ async def simulate(
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    return intercom
 
 
 def full_windows(intercom: ScriptedIntercom, windows: int) -> list[int]:

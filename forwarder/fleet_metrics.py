@@ -1,0 +1,62 @@
+"""The fleet's Prometheus metrics (issue 14), registered on the registry the caller gives:
+service.py passes Metrics.registry, so /metrics shows them beside the rest, and tests
+pass a fresh CollectorRegistry. Passive: no tasks, no I/O. Labels stay low-cardinality:
+op is one of OPS, result one of RESULTS.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+PREFIX = "intercom_forwarder"
+OPS = ("lease", "hold", "dedup", "forget")
+RESULTS = ("ok", "error", "timeout", "skipped")
+
+
+class FleetMetrics:
+    """What the fleet costs and what it catches; see docs/fleet.md for each series."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.redis_round_trips = Counter(
+            f"{PREFIX}_fleet_redis_round_trips",
+            "Round trips to Redis, by operation and result (skipped: Redis known down)",
+            ["op", "result"],
+            registry=registry,
+        )
+        self.redis_latency = Histogram(
+            f"{PREFIX}_fleet_redis_latency_seconds",
+            "Latency of Redis round trips that completed",
+            ["op"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1),
+            registry=registry,
+        )
+        self.fallbacks = Counter(
+            f"{PREFIX}_fleet_fallbacks",
+            "Times this daemon fell back to local dedup and a local budget (Redis down)",
+            registry=registry,
+        )
+        self.redis_up = Gauge(
+            f"{PREFIX}_fleet_redis_up",
+            "1 while Redis answers, 0 while this daemon runs on local fallbacks",
+            registry=registry,
+        )
+        self.permits_leased = Counter(
+            f"{PREFIX}_fleet_permits_leased",
+            "Permits (one request each) this daemon leased from the fleet's budget",
+            registry=registry,
+        )
+        self.share = Gauge(
+            f"{PREFIX}_fleet_share",
+            "This daemon's share of the app's Intercom budget in the last window (1: alone)",
+            registry=registry,
+        )
+        self.duplicates = Counter(
+            f"{PREFIX}_fleet_duplicates",
+            "Events another daemon of the fleet had already accepted (caught through Redis)",
+            registry=registry,
+        )
+        self.share.set(1.0)
+        self.redis_up.set(1.0)
+        for op in OPS:
+            for result in RESULTS:
+                self.redis_round_trips.labels(op, result)
