@@ -18,4 +18,16 @@ if command -v npm >/dev/null 2>&1; then
   fi
 fi
 
+# A real redis-server for the fleet tests (issue 14), started by the tests on a Unix socket
+# in a temporary directory. Debian's package when missing and we can install it; without
+# it those tests skip and say why (CI: .ci/run requires it).
+if ! command -v redis-server >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
+    && [ "$(id -u)" = 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+fi
+if [ "${FORWARDER_TESTS_REQUIRE_REDIS:-}" = 1 ] && ! command -v redis-server >/dev/null 2>&1; then
+  echo "scripts/test.sh: redis-server not found; the fleet tests need it" >&2
+  exit 1
+fi
+
 exec .venv/bin/python -m pytest "$@"
