@@ -1,0 +1,580 @@
+"""The SQLite file behind the durable queue (issue 13): one connection, one writer thread.
+
+Owns `queue.db` (with its -wal and -shm) and guarantees:
+
+- No SQLite call runs on the event loop's thread. start() starts one writer thread; it
+  opens the only connection and runs every request the loop hands it through a queue,
+  and the loop awaits asyncio futures the thread resolves. A slow fsync, or a lock that
+  another process holds on the file, delays those futures and nothing else.
+- Group commit: every write request waiting when the writer starts a transaction goes
+  into it; one COMMIT makes them all durable, then all their futures resolve.
+- Durability, as SQLite documents it (sqlite.org/wal.html,
+  sqlite.org/pragma.html#pragma_synchronous): WAL mode. disk_sync="normal" runs
+  synchronous=NORMAL: a committed transaction survives the process's death (kill -9, an
+  OOM kill), since "transactions are durable across application crashes regardless of
+  the synchronous setting"; a power loss may roll back the last commits but never
+  corrupts the file. "full" runs synchronous=FULL: the WAL is fsynced at every commit,
+  so a commit also survives a power loss or a kernel crash.
+- Bounded files. We checkpoint ourselves (wal_autocheckpoint=0, so that the writer
+  decides when and logs it): PASSIVE once the WAL reaches checkpoint_bytes, TRUNCATE
+  when idle; journal_size_limit caps what a reused WAL file keeps. auto_vacuum is
+  INCREMENTAL: pages freed by deletes are reused by later inserts, and
+  incremental_vacuum gives them back to the file system when idle, so the file shrinks
+  as the backlog is delivered.
+- A damaged file never stops a start (a crash loop is what Fluent Bit and Vector users
+  hit): a file SQLite cannot open, one that fails PRAGMA quick_check, or one from a newer
+  schema version is moved aside as queue.db.corrupt-<UTC time> (with its -wal/-shm)
+  after what still reads is copied into a fresh file (disksalvage.py); `damage` and the
+  `disklog.damaged` line say how much.
+
+Tables (schema version in PRAGMA user_version):
+  events(id INTEGER PRIMARY KEY, route, key, body, attempts, first_received_at, due_at)
+    id is given by the caller, in insertion order. due_at is wall-clock epoch seconds
+    before which a retry must not be sent (not monotonic: a restart keeps retry times);
+    0 for an event never retried. The index on due_at (which holds the id too) gives
+    the take order: never-retried events by id, then retries by (due_at, id).
+  dedup_keys(key PRIMARY KEY, added_at): disk mode's dedup window (issue 13 item 6),
+    written in the same transaction as the key's event; rows older than key_window_s
+    are deleted in the background.
+
+The writer's idle wait (idle_s) is a real-time queue timeout: the thread cannot await
+the injected clock's sleep. Tests run maintenance with maintain() instead of waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import sqlite3
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from forwarder.clock import Clock
+from forwarder.disksalvage import Damage, check_file, move_aside, salvage
+from forwarder.event import Event
+from forwarder.files import fsync_dir
+from forwarder.logs import LogThrottle
+
+log = structlog.get_logger("forwarder.disklog")
+
+SCHEMA_VERSION = 1
+SYNC_MODES = {"normal": "NORMAL", "full": "FULL"}
+SCHEMA = (
+    "CREATE TABLE events (id INTEGER PRIMARY KEY, route TEXT NOT NULL, key BLOB NOT NULL,"
+    " body BLOB NOT NULL, attempts INTEGER NOT NULL, first_received_at REAL NOT NULL,"
+    " due_at REAL NOT NULL)",
+    "CREATE INDEX events_due ON events (due_at)",
+    "CREATE TABLE dedup_keys (key BLOB PRIMARY KEY, added_at REAL NOT NULL) WITHOUT ROWID",
+    "CREATE INDEX dedup_keys_added ON dedup_keys (added_at)",
+)
+COLUMNS = "id, route, key, body, attempts, first_received_at, due_at"
+# A row as read back: (id, route, key, body, attempts, first_received_at, due_at).
+Row = tuple[int, str, bytes, bytes, int, float, float]
+
+_FRESH = f"SELECT {COLUMNS} FROM events WHERE due_at = 0 AND id > ? AND id <= ? ORDER BY id LIMIT ?"
+# `due_at >= ?` beside the row value lets the planner start the index scan at the cursor.
+_DUE = (f"SELECT {COLUMNS} FROM events WHERE due_at > 0 AND due_at <= ? AND due_at >= ?"
+        " AND (due_at, id) > (?, ?) ORDER BY due_at, id LIMIT ?")
+_NEXT_DUE = ("SELECT due_at FROM events WHERE due_at > 0 AND due_at >= ?"
+             " AND (due_at, id) > (?, ?) ORDER BY due_at, id LIMIT 1")
+_KEYS = ("SELECT key, added_at FROM dedup_keys WHERE added_at >= ? AND (added_at, key) > (?, ?)"
+         " ORDER BY added_at, key LIMIT ?")
+_EXPIRE_KEYS = ("DELETE FROM dedup_keys WHERE key IN"
+                " (SELECT key FROM dedup_keys WHERE added_at < ? LIMIT 10000)")
+
+HOUSEKEEPING_INTERVAL_S = 60.0  # key expiry and vacuum under load that never goes idle
+VACUUM_MIN_BYTES = 8 << 20  # free pages worth giving back (below, they are reused soon)
+VACUUM_PAGES_PER_PASS = 8192  # 32 MiB a pass: bounds how long one pass holds the writer
+
+
+class DiskLogError(Exception):
+    """The log could not carry out a request. `reason` is short and stable: an SQLite
+    error name (SQLITE_FULL, SQLITE_IOERR, SQLITE_BUSY...), "closed" or "writer_crashed"."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class WriteBatch:
+    """Changes that become durable together, or not at all."""
+
+    events: Sequence[Event] = ()  # new rows (id = event.log_id, due_at 0), keys with them
+    keys_added_at: float = 0.0  # wall time stamped on those events' dedup keys
+    retries: Sequence[tuple[int, float, int]] = ()  # (attempts, due_at, id)
+    deletes: Sequence[int] = ()  # ids of settled events
+    forget_keys: Sequence[bytes] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class LogState:
+    """What start() found: counts, never the events themselves."""
+
+    fresh: int  # events never retried (due_at 0), all ready
+    retries: int  # events with a retry time, due or not
+    next_due: float | None  # wall time of the earliest retry
+    max_id: int
+    damage: Damage | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReadResult:
+    fresh: list[Row]  # never-retried rows after the id cursor, by id
+    due: list[Row]  # retry rows due now after the (due_at, id) cursor, in that order
+    next_due: float | None  # due_at of the first retry row after the new cursor
+
+
+@dataclass(frozen=True, slots=True)
+class CommitStats:
+    events: int  # rows inserted by the transaction
+    writes: int  # write requests it held (group commit)
+    latency_s: float  # from the oldest request's submission to durable
+
+
+_STOP = object()
+
+
+class _Request:
+    __slots__ = ("kind", "args", "future", "at")
+
+    def __init__(self, kind: str, args: Any, future: asyncio.Future[Any], at: float):
+        self.kind, self.args, self.future, self.at = kind, args, future, at
+
+
+class DiskLog:
+    """Owns queue.db and its writer thread: every SQLite call runs on that thread."""
+
+    def __init__(self, path: Path, clock: Clock, *, disk_sync: str = "normal",
+                 checkpoint_bytes: int = 4 << 20, idle_s: float = 1.0,
+                 key_window_s: float | None = None, busy_timeout_s: float = 10.0,
+                 on_commit: Callable[[CommitStats], None] | None = None):
+        if disk_sync not in SYNC_MODES:
+            raise ValueError(f"disk_sync must be one of {sorted(SYNC_MODES)}")
+        self.path = Path(path)
+        self.disk_sync = disk_sync
+        self.on_commit = on_commit  # called on the loop's thread after each commit
+        self._clock = clock
+        self._checkpoint_bytes = checkpoint_bytes
+        self._idle_s = idle_s
+        self._key_window_s = key_window_s
+        self._busy_timeout_s = busy_timeout_s
+        self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped: asyncio.Future[None] | None = None
+        self._refusal: str | None = None  # set on the loop's thread: closed, writer_crashed
+        self._failures = LogThrottle(clock, 10.0)
+        # Written by the writer thread, read anywhere (a plain attribute store).
+        self.rows = 0  # events in the file
+        self.used_bytes = 0  # live pages + WAL: what max_bytes is checked against
+        self.file_bytes = 0  # page_count * page_size + WAL: the files on disk
+        self.commits = 0
+        self.events_committed = 0
+        self.checkpoints = 0
+        self.damage: Damage | None = None
+        self._page_size = 4096
+        self.synchronous = ""  # as SQLite reports it once open: "normal" or "full"
+        self._free_pages = 0
+        self._wal_bytes = 0
+        self._dirty = False  # written since the last idle checkpoint
+        self._next_housekeeping = 0.0
+
+    # -- lifecycle (loop thread) ----------------------------------------------------------
+
+    async def start(self) -> LogState:
+        """Start the writer thread, open (or salvage) the file and count what it holds."""
+        if self._thread is not None:
+            raise RuntimeError("DiskLog.start() called twice")
+        loop = self._loop = asyncio.get_running_loop()
+        opened: asyncio.Future[LogState] = loop.create_future()
+        self._stopped = loop.create_future()
+        self._thread = threading.Thread(target=self._run, args=(opened,),
+                                        name="forwarder-disklog", daemon=True)
+        self._thread.start()
+        return await asyncio.shield(opened)
+
+    async def close(self) -> None:
+        """Finish every request already submitted, checkpoint, close the file, end the
+        thread. Requests submitted afterwards fail with DiskLogError("closed")."""
+        if self._thread is None or self._stopped is None:
+            return
+        if self._refusal is None:
+            self._refusal = "closed"
+            self._requests.put(_STOP)
+        await asyncio.shield(self._stopped)
+
+    # -- requests (loop thread) -------------------------------------------------------------
+
+    def write(self, batch: WriteBatch) -> asyncio.Future[CommitStats]:
+        """Make batch durable; resolves once committed (with the commit's stats), or fails
+        with DiskLogError (nothing of the batch was written)."""
+        return self._submit("write", batch)
+
+    def read(self, *, fresh_after: int, fresh_upto: int, fresh_limit: int,
+             due_after: tuple[float, int], now_wall: float, due_limit: int
+             ) -> asyncio.Future[ReadResult]:
+        """Rows to take: never-retried ones with fresh_after < id <= fresh_upto, and
+        retries due by now_wall after the (due_at, id) cursor due_after."""
+        return self._submit("read", (fresh_after, fresh_upto, fresh_limit, due_after,
+                                     now_wall, due_limit))
+
+    def maintain(self) -> asyncio.Future[None]:
+        """Run the idle work now: expire dedup keys, vacuum, checkpoint (TRUNCATE)."""
+        return self._submit("maintain", None)
+
+    async def load_keys(self, since_wall: float, chunk: int = 10_000
+                        ) -> AsyncIterator[list[tuple[bytes, float]]]:
+        """Dedup keys added at or after since_wall, as (key, added_at) lists of at most
+        chunk, oldest first, so a window of 1e6 keys never sits in memory twice."""
+        cursor: tuple[float, bytes] = (since_wall, b"")
+        while True:
+            keys = await self._submit("keys", (since_wall, cursor, chunk))
+            if keys:
+                yield keys
+            if len(keys) < chunk:
+                return
+            cursor = (keys[-1][1], keys[-1][0])
+
+    def _submit(self, kind: str, args: Any) -> asyncio.Future[Any]:
+        if self._loop is None:
+            raise RuntimeError("DiskLog.start() was not called")
+        future = self._loop.create_future()
+        if self._refusal is not None:
+            future.set_exception(DiskLogError(self._refusal))
+        else:
+            self._requests.put(_Request(kind, args, future, self._clock.monotonic()))
+        return future
+
+    def _deliver(self, results: list[tuple[asyncio.Future[Any], Any]],
+                 stats: CommitStats | None) -> None:
+        for future, value in results:
+            _settle(future, value)
+        if stats is not None and self.on_commit is not None:
+            self.on_commit(stats)
+
+    def _writer_crashed(self) -> None:
+        # On the loop's thread, as _submit is: no request can slip in after this drain.
+        self._refusal = "writer_crashed"
+        while True:
+            try:
+                request = self._requests.get_nowait()
+            except queue.Empty:
+                return
+            if request is not _STOP and not request.future.done():
+                request.future.set_exception(DiskLogError("writer_crashed"))
+
+    def _to_loop(self, callback: Callable[..., None], *args: Any) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:
+            pass  # the loop is closed: nobody is waiting any more
+
+    # -- the writer thread ------------------------------------------------------------------
+
+    def _run(self, opened: asyncio.Future[LogState]) -> None:
+        conn: sqlite3.Connection | None = None
+        try:
+            try:
+                conn, state = self._open()
+            except BaseException as exc:
+                log.error("disklog.open_failed", path=str(self.path), error=repr(exc))
+                self._to_loop(_settle, opened, DiskLogError("open_failed", repr(exc)))
+                self._to_loop(self._writer_crashed)
+                return
+            self._to_loop(_settle, opened, state)
+            self._serve(conn)
+        except BaseException as exc:  # a bug: fail every waiter instead of leaving it hanging
+            log.error("disklog.writer_crashed", error=repr(exc), exc_info=exc)
+            self._to_loop(self._writer_crashed)
+        finally:
+            if conn is not None:
+                self._close_connection(conn)
+            assert self._stopped is not None
+            self._to_loop(_settle, self._stopped, None)
+
+    def _serve(self, conn: sqlite3.Connection) -> None:
+        while True:
+            try:
+                group = [self._requests.get(timeout=self._idle_s)]
+            except queue.Empty:
+                self._idle(conn)
+                continue
+            while True:  # everything already waiting joins this round
+                try:
+                    group.append(self._requests.get_nowait())
+                except queue.Empty:
+                    break
+            stop = _STOP in group
+            writes = [r for r in group if r is not _STOP and r.kind == "write"]
+            others = [r for r in group if r is not _STOP and r.kind != "write"]
+            results: list[tuple[asyncio.Future[Any], Any]] = []
+            stats = None
+            try:
+                if writes:
+                    stats = self._commit(conn, writes, results)
+                for request in others:
+                    results.append((request.future, self._call(conn, request)))
+            except BaseException:  # a bug: the requests in hand must not wait forever
+                crashed = DiskLogError("writer_crashed")
+                self._to_loop(self._deliver, [(r.future, crashed) for r in writes + others],
+                              None)
+                raise
+            self._to_loop(self._deliver, results, stats)
+            if writes:  # after delivering: a checkpoint must not delay those futures
+                self._after_commit(conn)
+            if stop:
+                return
+
+    def _commit(self, conn: sqlite3.Connection, writes: list[_Request],
+                results: list[tuple[asyncio.Future[Any], Any]]) -> CommitStats | None:
+        started = min(r.at for r in writes)
+        inserted = deleted = 0
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for request in writes:
+                    added, removed = _apply(conn, request.args)
+                    inserted += added
+                    deleted += removed
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except (sqlite3.Error, OSError) as exc:
+            reason = _reason(exc)
+            self._failures.error(log, "disklog.commit_failed", reason=reason, error=str(exc),
+                                 writes=len(writes))
+            results.extend((r.future, DiskLogError(reason, str(exc))) for r in writes)
+            return None
+        self.rows += inserted - deleted
+        self.commits += 1
+        self.events_committed += inserted
+        self._dirty = True
+        self._measure(conn)
+        stats = CommitStats(events=inserted, writes=len(writes),
+                            latency_s=self._clock.monotonic() - started)
+        results.extend((r.future, stats) for r in writes)
+        return stats
+
+    def _call(self, conn: sqlite3.Connection, request: _Request) -> Any:
+        try:
+            if request.kind == "read":
+                return _read(conn, *request.args)
+            if request.kind == "keys":
+                since, (added_at, key), limit = request.args
+                return conn.execute(_KEYS, (since, added_at, key, limit)).fetchall()
+            self._housekeeping(conn, force=True)
+            self._checkpoint(conn, "TRUNCATE")
+            return None
+        except (sqlite3.Error, OSError) as exc:
+            reason = _reason(exc)
+            self._failures.error(log, "disklog.read_failed", reason=reason, error=str(exc),
+                                 request=request.kind)
+            return DiskLogError(reason, str(exc))
+
+    def _after_commit(self, conn: sqlite3.Connection) -> None:
+        try:
+            if self._wal_bytes >= self._checkpoint_bytes:
+                self._checkpoint(conn, "PASSIVE")
+            self._housekeeping(conn, force=False)
+        except (sqlite3.Error, OSError) as exc:
+            self._failures.error(log, "disklog.maintenance_failed", reason=_reason(exc),
+                                 error=str(exc))
+
+    def _idle(self, conn: sqlite3.Connection) -> None:
+        try:
+            self._housekeeping(conn, force=False)
+            if self._dirty:
+                self._vacuum(conn)
+                self._checkpoint(conn, "TRUNCATE")
+                self._dirty = False
+        except (sqlite3.Error, OSError) as exc:
+            self._failures.error(log, "disklog.maintenance_failed", reason=_reason(exc),
+                                 error=str(exc))
+
+    def _housekeeping(self, conn: sqlite3.Connection, force: bool) -> None:
+        """Expire old dedup keys and give free pages back, at most once an interval."""
+        now = self._clock.monotonic()
+        if not force and now < self._next_housekeeping:
+            return
+        self._next_housekeeping = now + HOUSEKEEPING_INTERVAL_S
+        if self._key_window_s is not None:
+            cutoff = self._clock.wall() - self._key_window_s
+            expired = 0
+            for _ in range(10):  # at most 100,000 keys a pass, 10,000 per transaction
+                removed = conn.execute(_EXPIRE_KEYS, (cutoff,)).rowcount
+                expired += removed
+                if removed < 10000:
+                    break
+            if expired:
+                self._dirty = True
+                log.debug("disklog.keys_expired", keys=expired)
+        self._vacuum(conn)
+
+    def _vacuum(self, conn: sqlite3.Connection) -> None:
+        if self._free_pages * self._page_size < VACUUM_MIN_BYTES:
+            return
+        pages = min(self._free_pages, VACUUM_PAGES_PER_PASS)
+        # Each step of this pragma frees one page, and execute() steps a statement that
+        # returns no columns only once: executescript() steps it to the end.
+        conn.executescript(f"PRAGMA incremental_vacuum({pages});")
+        self._dirty = True
+        self._measure(conn)
+        log.debug("disklog.vacuumed", pages=pages, free_pages_left=self._free_pages)
+
+    def _checkpoint(self, conn: sqlite3.Connection, mode: str) -> None:
+        started = self._clock.monotonic()
+        before = self._wal_bytes
+        busy, frames, copied = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+        self.checkpoints += 1
+        self._measure(conn, checkpointed=not busy and frames == copied)
+        log.debug("disklog.checkpointed", mode=mode.lower(), wal_bytes_before=before,
+                  wal_bytes=self._wal_bytes, frames=frames, copied=copied, busy=bool(busy),
+                  duration_ms=round((self._clock.monotonic() - started) * 1000, 2))
+
+    def _measure(self, conn: sqlite3.Connection, checkpointed: bool = False) -> None:
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        self._free_pages = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        try:
+            self._wal_bytes = os.stat(f"{self.path}-wal").st_size
+        except FileNotFoundError:
+            self._wal_bytes = 0
+        # After a complete checkpoint the WAL's frames are spent: the next commit writes
+        # it again from the start (truncated to journal_size_limit), so it takes no room.
+        wal_live = 0 if checkpointed else self._wal_bytes
+        self.used_bytes = (pages - self._free_pages) * self._page_size + wal_live
+        self.file_bytes = pages * self._page_size + self._wal_bytes
+
+    # -- opening ----------------------------------------------------------------------------
+
+    def _open(self) -> tuple[sqlite3.Connection, LogState]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        damage = None
+        if self.path.exists():
+            problem = check_file(self.path, SCHEMA_VERSION, {"events", "dedup_keys"})
+            if problem is not None:
+                stamp = datetime.fromtimestamp(self._clock.wall(), UTC)
+                aside = move_aside(self.path, stamp.strftime("%Y%m%dT%H%M%S.%fZ"))
+                fresh = self._connect()
+                try:
+                    damage = salvage(aside, fresh, problem, COLUMNS)
+                finally:
+                    fresh.close()
+                fsync_dir(self.path.parent)
+                log.error("disklog.damaged", path=str(self.path), reason=damage.reason,
+                          moved_to=str(damage.moved_to), salvaged_events=damage.events,
+                          salvaged_keys=damage.keys, unreadable=damage.unreadable)
+        conn = self._connect()
+        self.damage = damage
+        counts = ("SELECT (SELECT count(*) FROM events WHERE due_at = 0),"
+                  " (SELECT count(*) FROM events WHERE due_at > 0),"
+                  " (SELECT min(due_at) FROM events WHERE due_at > 0),"
+                  " (SELECT max(id) FROM events)")
+        fresh, retries, next_due, max_id = conn.execute(counts).fetchone()
+        self.rows = fresh + retries
+        self._measure(conn)
+        state = LogState(fresh=fresh, retries=retries, next_due=next_due, max_id=max_id or 0,
+                         damage=damage)
+        log.info("disklog.opened", path=str(self.path), events=self.rows, retries=retries,
+                 bytes=self.file_bytes, synchronous=self.synchronous, salvaged=damage is not None)
+        return conn, state
+
+    def _connect(self) -> sqlite3.Connection:
+        """Open the file (creating the schema in a new one) with this log's settings."""
+        conn = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None)
+        try:
+            if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+                # Only an empty file gets here (check_file moved anything else aside), and
+                # auto_vacuum must be chosen before the first table exists.
+                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("BEGIN IMMEDIATE")
+                for statement in SCHEMA:
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                conn.execute("COMMIT")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(f"PRAGMA synchronous = {SYNC_MODES[self.disk_sync]}")
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
+            conn.execute(f"PRAGMA journal_size_limit = {self._checkpoint_bytes}")
+            self._page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+            # Read back, so the opened line shows what SQLite runs, not what we asked for.
+            level = conn.execute("PRAGMA synchronous").fetchone()[0]
+            self.synchronous = {1: "normal", 2: "full"}.get(level, str(level))
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _close_connection(self, conn: sqlite3.Connection) -> None:
+        try:
+            if self._dirty:
+                self._checkpoint(conn, "TRUNCATE")
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("disklog.maintenance_failed", reason=_reason(exc), error=str(exc))
+        finally:
+            conn.close()
+        log.info("disklog.closed", path=str(self.path), events=self.rows,
+                 bytes=self.file_bytes, commits=self.commits)
+
+
+def _apply(conn: sqlite3.Connection, batch: WriteBatch) -> tuple[int, int]:
+    """Run one batch's statements inside the open transaction; (inserted, deleted)."""
+    deleted = 0
+    if batch.events:
+        conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, 0.0)",
+                         [(e.log_id, e.route.value, e.key, e.body, e.attempts,
+                           e.first_received_at) for e in batch.events])
+        at = batch.keys_added_at
+        keys = [(e.key, at) for e in batch.events if e.key]
+        if keys:
+            conn.executemany("INSERT OR REPLACE INTO dedup_keys VALUES (?, ?)", keys)
+    if batch.retries:
+        conn.executemany("UPDATE events SET attempts = ?, due_at = ? WHERE id = ?",
+                         batch.retries)
+    if batch.deletes:
+        deleted = conn.executemany("DELETE FROM events WHERE id = ?",
+                                   [(i,) for i in batch.deletes]).rowcount
+    if batch.forget_keys:
+        conn.executemany("DELETE FROM dedup_keys WHERE key = ?",
+                         [(k,) for k in batch.forget_keys])
+    return len(batch.events), deleted
+
+
+def _read(conn: sqlite3.Connection, fresh_after: int, fresh_upto: int, fresh_limit: int,
+          due_after: tuple[float, int], now_wall: float, due_limit: int) -> ReadResult:
+    fresh: list[Row] = []
+    due: list[Row] = []
+    if fresh_limit > 0 and fresh_upto > fresh_after:
+        fresh = conn.execute(_FRESH, (fresh_after, fresh_upto, fresh_limit)).fetchall()
+    after_due, after_id = due_after
+    if due_limit > 0:
+        due = conn.execute(_DUE, (now_wall, after_due, after_due, after_id,
+                                  due_limit)).fetchall()
+        if due:
+            after_due, after_id = due[-1][6], due[-1][0]
+    following = conn.execute(_NEXT_DUE, (after_due, after_due, after_id)).fetchone()
+    return ReadResult(fresh, due, following[0] if following else None)
+
+
+def _reason(exc: BaseException) -> str:
+    return getattr(exc, "sqlite_errorname", None) or type(exc).__name__
+
+
+def _settle(future: asyncio.Future[Any], value: Any) -> None:
+    if future.done():
+        return
+    if isinstance(value, BaseException):
+        future.set_exception(value)
+    else:
+        future.set_result(value)
