@@ -13,7 +13,8 @@ Runs on the disk log's writer thread, before its connection opens.
 Salvage reads events by id range, a range that fails row by row, and then each id the
 events_due index lists that the ranges missed, so that one bad page costs the rows on
 it and not the rest of the file. Rows are copied with their id,
-attempts and retry time. Dedup keys are read in one pass up to the first error: they
+attempts and retry time; a row whose body no longer parses as the JSON object the daemon
+wrote is counted as unreadable, not sent. Dedup keys are read in one pass up to the first error: they
 only save a duplicate send, which Intercom drops by key anyway.
 """
 
@@ -24,6 +25,8 @@ import sqlite3
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
+
+import orjson
 
 from forwarder.event import Route
 
@@ -202,11 +205,18 @@ def _insert(dst: sqlite3.Connection, rows: list[tuple], seen: bytearray) -> int:
 
 
 def _valid(row: tuple) -> bool:
+    """A row as the daemon writes it. SQLite keeps no page checksums, so a damaged cell
+    can read back altered without an error: a body that no longer parses is not sent."""
     event_id, route, key, body, attempts, first_received_at, due_at = row
-    return (type(event_id) is int and event_id > 0 and route in _ROUTES
-            and type(key) is bytes and type(body) is bytes and bool(body)
+    if not (type(event_id) is int and event_id > 0 and route in _ROUTES
+            and type(key) is bytes and len(key) in (0, 16) and type(body) is bytes
             and type(attempts) is int and attempts >= 0
-            and type(first_received_at) in (int, float) and type(due_at) in (int, float))
+            and type(first_received_at) in (int, float) and type(due_at) in (int, float)):
+        return False
+    try:
+        return type(orjson.loads(body)) is dict
+    except orjson.JSONDecodeError:
+        return False
 
 
 def _copy_keys(src: sqlite3.Connection, dst: sqlite3.Connection) -> int:

@@ -293,16 +293,20 @@ async def test_a_torn_tail_keeps_the_rows_before_it(open_log, path, captured_log
     assert aside_files(path) == [log.damage.moved_to.name]
 
 
-async def test_bad_pages_cost_only_the_rows_on_them_and_are_counted(open_log, path,
-                                                                     captured_logs):
+@pytest.mark.parametrize("offset, length, most_lost", [
+    (0, 5 * 4096, 100),  # five whole pages (~12 rows each, maybe an interior page)
+    (2000, 1000, 10),  # cells inside one page: a range read stops there without an error
+], ids=["whole_pages", "cells_in_a_page"])
+async def test_bad_pages_cost_only_the_rows_on_them_and_are_counted(
+        open_log, path, captured_logs, offset, length, most_lost):
     await write_events(path, N_DAMAGED)
-    size = path.stat().st_size
+    page = path.stat().st_size // 3 // 4096 * 4096
     with open(path, "r+b") as f:
-        f.seek(size // 3)
-        f.write(random.Random(1).randbytes(5 * 4096))
+        f.seek(page + offset)
+        f.write(random.Random(1).randbytes(length))
     log, rows = await reopen_damaged(open_log, path, captured_logs)
     assert log.damage.reason in ("quick_check_failed", "SQLITE_CORRUPT")
-    assert len(rows) >= N_DAMAGED - 100  # 5 pages of ~12 rows, and an interior page
+    assert len(rows) >= N_DAMAGED - most_lost
     assert len(rows) + log.damage.unreadable == N_DAMAGED
     assert all(row[3] == ev(row[0], pad=300).body for row in rows)
     assert log.damage.keys == N_DAMAGED
