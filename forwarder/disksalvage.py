@@ -12,9 +12,9 @@ Runs on the disk log's writer thread, before its connection opens.
 
 Salvage reads events by id range, a range that fails row by row, and then each id the
 events_due index lists that the ranges missed, so that one bad page costs the rows on
-it and not the rest of the file. Rows are copied with their id,
-attempts and retry time; a row whose body no longer parses as the JSON object the daemon
-wrote is counted as unreadable, not sent. Dedup keys are read in one pass up to the first error: they
+it and not the rest of the file. Rows are copied with their id, attempts and retry
+time; a row whose body no longer parses as the JSON object the daemon wrote is counted
+as unreadable, not sent. Dedup keys are read in one pass up to the first error: they
 only save a duplicate send, which Intercom drops by key anyway.
 """
 
@@ -44,7 +44,8 @@ class Damage:
     moved_to: Path
     events: int  # rows copied into the fresh file
     keys: int  # dedup keys copied
-    unreadable: int  # rows the file's id index lists that no read could get
+    unreadable: int  # rows the file's id index lists that no read could get (a lower
+    # bound: rows whose index entries were on a damaged page are not counted)
 
 
 def is_damage(exc: sqlite3.Error) -> bool:
@@ -222,7 +223,7 @@ def _valid(row: tuple) -> bool:
 def _copy_keys(src: sqlite3.Connection, dst: sqlite3.Connection) -> int:
     copied = 0
     try:
-        cursor = src.execute("SELECT key, added_at FROM dedup_keys")
+        cursor = src.execute("SELECT id, key, added_at FROM dedup_keys")
     except sqlite3.Error:
         return 0
     while True:
@@ -232,9 +233,10 @@ def _copy_keys(src: sqlite3.Connection, dst: sqlite3.Connection) -> int:
             break  # keep the keys read before the damage (see the module docstring)
         if not rows:
             break
-        good = [(k, at) for k, at in rows if type(k) is bytes and type(at) in (int, float)]
+        good = [(i, k, at) for i, k, at in rows
+                if type(i) is int and type(k) is bytes and type(at) in (int, float)]
         dst.execute("BEGIN")
-        dst.executemany("INSERT OR IGNORE INTO dedup_keys VALUES (?, ?)", good)
+        dst.executemany("INSERT OR IGNORE INTO dedup_keys VALUES (?, ?, ?)", good)
         dst.execute("COMMIT")
         copied += len(good)
     return copied
