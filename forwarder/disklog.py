@@ -27,19 +27,8 @@ Owns `queue.db` (with its -wal and -shm) and guarantees:
   after what still reads is copied into a fresh file (disksalvage.py); `damage` and the
   `disklog.damaged` line say how much.
 
-Tables (schema version in PRAGMA user_version):
-  events(id INTEGER PRIMARY KEY, route, key, body, attempts, first_received_at, due_at)
-    id is given by the caller, in insertion order. due_at is wall-clock epoch seconds
-    before which a retry must not be sent (not monotonic: a restart keeps retry times);
-    0 for an event never retried. The index on due_at (which holds the id too) gives
-    the take order: never-retried events by id, then retries by (due_at, id).
-  dedup_keys(id INTEGER PRIMARY KEY, key, added_at): disk mode's dedup window (issue 13
-    item 6), written in the same transaction as its event and under the same id, so
-    that it outlives the event (a delivered event's key must stay a duplicate) yet is
-    found by id when a dead-lettered event's key is forgotten. Ids grow with time, so
-    the table is an append-only b-tree with no other index (a 16-byte random primary
-    key with an index on added_at cost ~8 us an event more, bench/disk_queue.py), and
-    keys older than key_window_s are deleted from its start in the background.
+The tables and the statements run on them are in disksql.py, the salvage of a damaged
+file in disksalvage.py; what is left (~500 lines) is the thread and what it alone does.
 
 The writer's idle wait (idle_s) is a real-time queue timeout: the thread cannot await
 the injected clock's sleep. Tests run maintenance with maintain() instead of waiting.
@@ -52,7 +41,7 @@ import os
 import queue
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -60,41 +49,15 @@ from typing import Any
 
 import structlog
 
+from forwarder import disksql as sql
 from forwarder.clock import Clock
 from forwarder.disksalvage import Damage, check_file, move_aside, salvage
-from forwarder.event import Event
 from forwarder.files import fsync_dir
 from forwarder.logs import LogThrottle
 
 log = structlog.get_logger("forwarder.disklog")
 
-SCHEMA_VERSION = 1
 SYNC_MODES = {"normal": "NORMAL", "full": "FULL"}
-SCHEMA = (
-    "CREATE TABLE events (id INTEGER PRIMARY KEY, route TEXT NOT NULL, key BLOB NOT NULL,"
-    " body BLOB NOT NULL, attempts INTEGER NOT NULL, first_received_at REAL NOT NULL,"
-    " due_at REAL NOT NULL)",
-    "CREATE INDEX events_due ON events (due_at)",
-    "CREATE TABLE dedup_keys (id INTEGER PRIMARY KEY, key BLOB NOT NULL, added_at REAL NOT NULL)",
-)
-COLUMNS = "id, route, key, body, attempts, first_received_at, due_at"
-# A row as read back: (id, route, key, body, attempts, first_received_at, due_at).
-Row = tuple[int, str, bytes, bytes, int, float, float]
-
-_FRESH = f"SELECT {COLUMNS} FROM events WHERE due_at = 0 AND id > ? AND id <= ? ORDER BY id LIMIT ?"
-# `due_at >= ?` beside the row value lets the planner start the index scan at the cursor.
-_DUE = (f"SELECT {COLUMNS} FROM events WHERE due_at > 0 AND due_at <= ? AND due_at >= ?"
-        " AND (due_at, id) > (?, ?) ORDER BY due_at, id LIMIT ?")
-_NEXT_DUE = ("SELECT due_at FROM events WHERE due_at > 0 AND due_at >= ?"
-             " AND (due_at, id) > (?, ?) ORDER BY due_at, id LIMIT 1")
-_KEYS = ("SELECT id, key, added_at FROM dedup_keys WHERE id > ? AND added_at >= ?"
-         " ORDER BY id LIMIT ?")
-_PAGES = "SELECT * FROM pragma_page_count(), pragma_freelist_count()"
-# The first key (by id, i.e. arrival) still in the window: every key before it is older.
-_FIRST_KEPT = "SELECT id FROM dedup_keys WHERE added_at >= ? ORDER BY id LIMIT 1"
-_EXPIRE_KEYS = ("DELETE FROM dedup_keys WHERE id IN"
-                " (SELECT id FROM dedup_keys WHERE id < ? ORDER BY id LIMIT 10000)")
-
 HOUSEKEEPING_INTERVAL_S = 60.0  # key expiry and vacuum under load that never goes idle
 VACUUM_MIN_BYTES = 8 << 20  # free pages worth giving back (below, they are reused soon)
 VACUUM_PAGES_PER_PASS = 8192  # 32 MiB a pass: bounds how long one pass holds the writer
@@ -109,17 +72,6 @@ class DiskLogError(Exception):
         self.reason = reason
 
 
-@dataclass(slots=True)
-class WriteBatch:
-    """Changes that become durable together, or not at all."""
-
-    events: Sequence[Event] = ()  # new rows (id = event.log_id, due_at 0), keys with them
-    keys_added_at: float = 0.0  # wall time stamped on those events' dedup keys
-    retries: Sequence[tuple[int, float, int]] = ()  # (attempts, due_at, id)
-    deletes: Sequence[int] = ()  # ids of settled events
-    forget_keys: Sequence[int] = ()  # ids whose dedup key goes (dead-lettered events)
-
-
 @dataclass(frozen=True, slots=True)
 class LogState:
     """What start() found: counts, never the events themselves."""
@@ -129,13 +81,6 @@ class LogState:
     next_due: float | None  # wall time of the earliest retry
     max_id: int  # of events and dedup keys: the next id must be above both
     damage: Damage | None
-
-
-@dataclass(frozen=True, slots=True)
-class ReadResult:
-    fresh: list[Row]  # never-retried rows after the id cursor, by id
-    due: list[Row]  # retry rows due now after the (due_at, id) cursor, in that order
-    next_due: float | None  # due_at of the first retry row after the new cursor
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,14 +164,14 @@ class DiskLog:
 
     # -- requests (loop thread) -------------------------------------------------------------
 
-    def write(self, batch: WriteBatch) -> asyncio.Future[CommitStats]:
+    def write(self, batch: sql.WriteBatch) -> asyncio.Future[CommitStats]:
         """Make batch durable; resolves once committed (with the commit's stats), or fails
         with DiskLogError (nothing of the batch was written)."""
         return self._submit("write", batch)
 
     def read(self, *, fresh_after: int, fresh_upto: int, fresh_limit: int,
              due_after: tuple[float, int], now_wall: float, due_limit: int
-             ) -> asyncio.Future[ReadResult]:
+             ) -> asyncio.Future[sql.ReadResult]:
         """Rows to take: never-retried ones with fresh_after < id <= fresh_upto, and
         retries due by now_wall after the (due_at, id) cursor due_after."""
         return self._submit("read", (fresh_after, fresh_upto, fresh_limit, due_after,
@@ -348,12 +293,12 @@ class DiskLog:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 for request in writes:
-                    added, removed = _apply(conn, request.args)
+                    added, removed = sql.apply(conn, request.args)
                     inserted += added
                     deleted += removed
                 # Read inside the transaction, which holds the locks already: after the
                 # COMMIT these reads cost ~70 us a commit, a third of a small commit's.
-                pages = conn.execute(_PAGES).fetchone()
+                pages = conn.execute(sql.PAGES).fetchone()
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -378,9 +323,9 @@ class DiskLog:
     def _call(self, conn: sqlite3.Connection, request: _Request) -> Any:
         try:
             if request.kind == "read":
-                return _read(conn, *request.args)
+                return sql.read(conn, *request.args)
             if request.kind == "keys":
-                return conn.execute(_KEYS, request.args).fetchall()
+                return conn.execute(sql.KEYS, request.args).fetchall()
             self._housekeeping(conn, force=True)
             self._checkpoint(conn, "TRUNCATE")
             return None
@@ -417,12 +362,12 @@ class DiskLog:
             return
         self._next_housekeeping = now + HOUSEKEEPING_INTERVAL_S
         if self._key_window_s is not None:
-            first_kept = conn.execute(_FIRST_KEPT, (self._clock.wall() - self._key_window_s,
+            first_kept = conn.execute(sql.FIRST_KEPT, (self._clock.wall() - self._key_window_s,
                                                     )).fetchone()
             before = first_kept[0] if first_kept else 2**63 - 1
             expired = 0
             for _ in range(10):  # at most 100,000 keys a pass, 10,000 per transaction
-                removed = conn.execute(_EXPIRE_KEYS, (before,)).rowcount
+                removed = conn.execute(sql.EXPIRE_KEYS, (before,)).rowcount
                 expired += removed
                 if removed < 10000:
                     break
@@ -455,7 +400,7 @@ class DiskLog:
     def _measure(self, conn: sqlite3.Connection, pages: tuple[int, int] | None = None,
                  checkpointed: bool = False) -> None:
         """Update the byte counts; pages is (page_count, freelist_count) if just read."""
-        pages, self._free_pages = pages or conn.execute(_PAGES).fetchone()
+        pages, self._free_pages = pages or conn.execute(sql.PAGES).fetchone()
         try:
             self._wal_bytes = os.stat(f"{self.path}-wal").st_size
         except FileNotFoundError:
@@ -472,13 +417,13 @@ class DiskLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         damage = None
         if self.path.exists():
-            problem = check_file(self.path, SCHEMA_VERSION, {"events", "dedup_keys"})
+            problem = check_file(self.path)
             if problem is not None:
                 stamp = datetime.fromtimestamp(self._clock.wall(), UTC)
                 aside = move_aside(self.path, stamp.strftime("%Y%m%dT%H%M%S.%fZ"))
                 fresh = self._connect()
                 try:
-                    damage = salvage(aside, fresh, problem, COLUMNS)
+                    damage = salvage(aside, fresh, problem)
                 finally:
                     fresh.close()
                 fsync_dir(self.path.parent)
@@ -487,13 +432,7 @@ class DiskLog:
                           salvaged_keys=damage.keys, unreadable=damage.unreadable)
         conn = self._connect()
         self.damage = damage
-        counts = ("SELECT (SELECT count(*) FROM events WHERE due_at = 0),"
-                  " (SELECT count(*) FROM events WHERE due_at > 0),"
-                  " (SELECT min(due_at) FROM events WHERE due_at > 0),"
-                  # max() of several arguments is NULL if one is: coalesce each
-                  " max(coalesce((SELECT max(id) FROM events), 0),"
-                  "     coalesce((SELECT max(id) FROM dedup_keys), 0))")
-        fresh, retries, next_due, max_id = conn.execute(counts).fetchone()
+        fresh, retries, next_due, max_id = conn.execute(sql.COUNTS).fetchone()
         self.rows = fresh + retries
         self._measure(conn)
         state = LogState(fresh=fresh, retries=retries, next_due=next_due, max_id=max_id or 0,
@@ -512,9 +451,9 @@ class DiskLog:
                 conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.execute("BEGIN IMMEDIATE")
-                for statement in SCHEMA:
+                for statement in sql.SCHEMA:
                     conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                conn.execute(f"PRAGMA user_version = {sql.SCHEMA_VERSION}")
                 conn.execute("COMMIT")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(f"PRAGMA synchronous = {SYNC_MODES[self.disk_sync]}")
@@ -543,76 +482,6 @@ class DiskLog:
             conn.close()
         log.info("disklog.closed", path=str(self.path), events=self.rows,
                  bytes=self.file_bytes, commits=self.commits)
-
-
-def _apply(conn: sqlite3.Connection, batch: WriteBatch) -> tuple[int, int]:
-    """Run one batch's statements inside the open transaction; (inserted, deleted)."""
-    deleted = 0
-    if batch.events:
-        rows: list[Any] = []
-        keys: list[Any] = []
-        at = batch.keys_added_at
-        for e in batch.events:
-            # A Route is a str: SQLite stores "/events" (reading .value costs ~0.5 us).
-            rows += (e.log_id, e.route, e.key, e.body, e.attempts, e.first_received_at)
-            if e.key:
-                keys += (e.log_id, e.key, at)
-        _chunked(conn, _INSERT_EVENT, 6, rows)
-        _chunked(conn, _INSERT_KEY, 3, keys)
-    if batch.retries:
-        conn.executemany("UPDATE events SET attempts = ?, due_at = ? WHERE id = ?",
-                         batch.retries)
-    if batch.deletes:
-        deleted = _chunked(conn, _DELETE_EVENTS, 1, list(batch.deletes))
-    if batch.forget_keys:
-        _chunked(conn, _DELETE_KEYS, 1, list(batch.forget_keys))
-    return len(batch.events), deleted
-
-
-_INSERT_EVENT = ("INSERT INTO events VALUES {}", "(?, ?, ?, ?, ?, ?, 0.0)", ", ")
-_INSERT_KEY = ("INSERT INTO dedup_keys VALUES {}", "(?, ?, ?)", ", ")
-_DELETE_EVENTS = ("DELETE FROM events WHERE id IN ({})", "?", ", ")
-_DELETE_KEYS = ("DELETE FROM dedup_keys WHERE id IN ({})", "?", ", ")
-_STATEMENTS: dict[tuple[tuple[str, str, str], int], str] = {}
-
-
-def _chunked(conn: sqlite3.Connection, shape: tuple[str, str, str], width: int,
-             params: list[Any]) -> int:
-    """Run shape over params, up to 256 rows a statement; the rows it changed.
-
-    One statement is one sqlite3_step, and the writer takes the GIL back after each: with
-    executemany that is once a row, and while the event loop's thread is busy each take
-    can wait out its switch interval. With a CPU-bound thread beside it, 1,000 inserts
-    took 82-97 us a row that way and 52 with 256 a statement (~6.5 against ~8 us of CPU
-    when alone). Chunks are 256 rows, then powers of two, so that at most nine distinct
-    statements per shape are prepared (and kept in sqlite3's statement cache)."""
-    rows = len(params) // width
-    done = changed = 0
-    while done < rows:
-        n = min(256, 1 << ((rows - done).bit_length() - 1))
-        sql = _STATEMENTS.get((shape, n))
-        if sql is None:
-            template, row, sep = shape
-            sql = _STATEMENTS[(shape, n)] = template.format(sep.join([row] * n))
-        changed += conn.execute(sql, params[done * width:(done + n) * width]).rowcount
-        done += n
-    return changed
-
-
-def _read(conn: sqlite3.Connection, fresh_after: int, fresh_upto: int, fresh_limit: int,
-          due_after: tuple[float, int], now_wall: float, due_limit: int) -> ReadResult:
-    fresh: list[Row] = []
-    due: list[Row] = []
-    if fresh_limit > 0 and fresh_upto > fresh_after:
-        fresh = conn.execute(_FRESH, (fresh_after, fresh_upto, fresh_limit)).fetchall()
-    after_due, after_id = due_after
-    if due_limit > 0:
-        due = conn.execute(_DUE, (now_wall, after_due, after_due, after_id,
-                                  due_limit)).fetchall()
-        if due:
-            after_due, after_id = due[-1][6], due[-1][0]
-    following = conn.execute(_NEXT_DUE, (after_due, after_due, after_id)).fetchone()
-    return ReadResult(fresh, due, following[0] if following else None)
 
 
 def _reason(exc: BaseException) -> str:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import orjson
 
+from forwarder.disksql import COLUMNS, SCHEMA_VERSION, TABLES
 from forwarder.event import Route
 
 _ROUTES = frozenset(r.value for r in Route)
@@ -53,20 +54,20 @@ def is_damage(exc: sqlite3.Error) -> bool:
     return name == "SQLITE_NOTADB" or name.startswith("SQLITE_CORRUPT")
 
 
-def check_file(path: Path, schema_version: int, tables: set[str]) -> str | None:
+def check_file(path: Path) -> str | None:
     """Why the existing file at path cannot be used as it is, or None if it can (an empty
     file can: the log creates its schema). Raises sqlite3.Error for a problem that is not
     damage (a lock held too long, permissions, I/O)."""
     conn = _read_only(path)
     try:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > schema_version:
+        if version > SCHEMA_VERSION:
             return "newer_version"
         found = {row[0] for row in conn.execute(
             "SELECT name FROM sqlite_schema WHERE type = 'table'")}
         if version == 0 and not found:
             return None
-        if version != schema_version or not tables <= found:
+        if version != SCHEMA_VERSION or not TABLES <= found:
             return "unknown_schema"
         if conn.execute("PRAGMA quick_check").fetchall() != [("ok",)]:
             return "quick_check_failed"
@@ -101,7 +102,7 @@ def move_aside(path: Path, stamp: str) -> Path:
     return aside
 
 
-def salvage(aside: Path, fresh: sqlite3.Connection, reason: str, columns: str) -> Damage:
+def salvage(aside: Path, fresh: sqlite3.Connection, reason: str) -> Damage:
     """Copy what reads from the file at aside into fresh (which has the schema)."""
     events = keys = unreadable = 0
     src = _read_only(aside)
@@ -110,7 +111,7 @@ def salvage(aside: Path, fresh: sqlite3.Connection, reason: str, columns: str) -
         # the first page on; with writable_schema SQLite reads the pages that are there.
         # Nothing is ever written through this connection.
         src.execute("PRAGMA writable_schema = ON")
-        events, unreadable = _copy_events(src, fresh, columns)
+        events, unreadable = _copy_events(src, fresh)
         keys = _copy_keys(src, fresh)
     finally:
         src.close()
@@ -118,8 +119,7 @@ def salvage(aside: Path, fresh: sqlite3.Connection, reason: str, columns: str) -
                   unreadable=unreadable)
 
 
-def _copy_events(src: sqlite3.Connection, dst: sqlite3.Connection, columns: str
-                 ) -> tuple[int, int]:
+def _copy_events(src: sqlite3.Connection, dst: sqlite3.Connection) -> tuple[int, int]:
     """Copy every row that reads; (copied, unreadable). The id index (events_due, its own
     b-tree) says which rows exist: on a damaged leaf a range read can stop early without
     an error, so each listed id the range reads missed is looked up on its own, and
@@ -139,14 +139,14 @@ def _copy_events(src: sqlite3.Connection, dst: sqlite3.Connection, columns: str
     # holds nothing.
     while (low < top) if top is not None else (
             low < last_listed or empty < _EMPTY_RANGES_TO_STOP):
-        rows = _read_range(src, columns, low, low + _CHUNK_IDS)
+        rows = _read_range(src, low, low + _CHUNK_IDS)
         copied += _insert(dst, rows, seen)
         empty = 0 if rows else empty + 1
         low += _CHUNK_IDS
     missed = [i for i in listed if i >= len(seen) * 8 or not seen[i >> 3] & (1 << (i & 7))]
     rows = []
     for i in missed:
-        row = _read_one(src, columns, i)
+        row = _read_one(src, i)
         if row is not None:
             rows.append(row)
     found = _insert(dst, rows, seen)
@@ -164,24 +164,24 @@ def _listed_ids(src: sqlite3.Connection) -> array[int]:
     return ids
 
 
-def _read_range(src: sqlite3.Connection, columns: str, low: int, high: int) -> list[tuple]:
+def _read_range(src: sqlite3.Connection, low: int, high: int) -> list[tuple]:
     """Rows with low < id <= high, as far as they read (row by row after an error)."""
     try:
-        return src.execute(f"SELECT {columns} FROM events WHERE id > ? AND id <= ?"
+        return src.execute(f"SELECT {COLUMNS} FROM events WHERE id > ? AND id <= ?"
                            " ORDER BY id", (low, high)).fetchall()
     except sqlite3.Error:
         pass
     rows = []
     for i in range(low + 1, high + 1):
-        row = _read_one(src, columns, i)
+        row = _read_one(src, i)
         if row is not None:
             rows.append(row)
     return rows
 
 
-def _read_one(src: sqlite3.Connection, columns: str, event_id: int) -> tuple | None:
+def _read_one(src: sqlite3.Connection, event_id: int) -> tuple | None:
     try:
-        return src.execute(f"SELECT {columns} FROM events WHERE id = ?", (event_id,)).fetchone()
+        return src.execute(f"SELECT {COLUMNS} FROM events WHERE id = ?", (event_id,)).fetchone()
     except sqlite3.Error:
         return None
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from forwarder.clock import FakeClock, SystemClock
-from forwarder.disklog import DiskLog, DiskLogError, WriteBatch
+from forwarder.disklog import DiskLog, DiskLogError
+from forwarder.disksql import WriteBatch
 from forwarder.event import Event, Route
 
 N_DAMAGED = 3000
@@ -133,7 +134,7 @@ async def test_a_crashed_writer_fails_waiting_requests_instead_of_hanging(open_l
     def bug(*args):
         raise RuntimeError("a bug in the writer")
 
-    monkeypatch.setattr("forwarder.disklog._apply", bug)
+    monkeypatch.setattr("forwarder.disksql.apply", bug)
     with pytest.raises(DiskLogError, match="writer_crashed"):
         await asyncio.wait_for(log.write(WriteBatch(events=[ev(1)])), 5)
     with pytest.raises(DiskLogError, match="writer_crashed"):
