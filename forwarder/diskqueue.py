@@ -23,10 +23,11 @@ not starve retries and retries do not starve the backlog. Retry times are wall c
 (clock.wall()) so that a restart keeps them; the monotonic clock is used inside the
 process (event.due, next_due, the take() timer).
 
-Waiting is EventQueue's scheme: a take() that finds nothing parks on a future of its
-own; while retries wait in the log, one parked take() (the timekeeper) also sleeps on
-the injected clock until the earliest is due. A refill is one request to the log's
-writer thread whose callback fills the window, so no task is created per refill.
+Waiting is EventQueue's scheme (parking.py): a take() that finds nothing parks on a
+future of its own; while retries wait in the log, one parked take() (the timekeeper)
+also sleeps on the injected clock until the earliest is due. A refill is one request to
+the log's writer thread whose callback fills the window, so no task is created per
+refill.
 
 max_bytes bounds the log's live pages plus its uncheckpointed WAL, as measured after
 every commit, plus an estimate for the events staged since; a commit may pass it by its
@@ -56,6 +57,7 @@ from forwarder.disklog import CommitStats, DiskLog
 from forwarder.disksalvage import Damage
 from forwarder.disksql import ReadResult, Row, WriteBatch
 from forwarder.event import Event, Route
+from forwarder.parking import Parking
 
 _ROUTE = {route.value: route for route in Route}
 # What an event adds to the file beyond its body and key: the row, its index entry and
@@ -135,9 +137,7 @@ class DiskQueue:
         self._reading: asyncio.Future[ReadResult] | None = None
         self._read_state = (0, 0, 0)  # fresh unloaded, upto and limit when the read left
         self._read_retry_at = -math.inf
-        self._getters: deque[asyncio.Future[None]] = deque()
-        self._timekeeper: asyncio.Future[None] | None = None
-        self._timer_due = math.inf
+        self._parking = Parking(clock, self._kick)
         self.unavailable_reason: str | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -245,8 +245,8 @@ class DiskQueue:
         if not event.log_id:
             raise ValueError("requeue_front() takes an event from this queue's take()")
         self._ready.appendleft(event)
-        if self._getters:
-            self._wake_one()
+        if self._parking:
+            self._parking.wake_one()
 
     async def take(self) -> Event:
         """The next ready event, refilling from the log and waiting (on the clock for
@@ -256,10 +256,10 @@ class DiskQueue:
                 self._refill()
             if self._ready:
                 event = self._ready.popleft()
-                if self._getters:
-                    self._kick()
+                if self._parking:
+                    self._kick()  # pass the baton: more ready, or the timer to hold
                 return event
-            await self._park()
+            await self._parking.park(self._wake_deadline() if self._reading is None else None)
 
     def take_all(self) -> list[Event]:
         """[]: in disk mode every accepted event is already in the log and is taken from
@@ -473,68 +473,15 @@ class DiskQueue:
             deadline = min(deadline, self._read_retry_at)
         return None if deadline == math.inf else deadline
 
-    async def _park(self) -> None:
-        """Wait until woken, or, as the timekeeper, until the wake deadline."""
-        assert self._loop is not None
-        fut: asyncio.Future[None] = self._loop.create_future()
-        self._getters.append(fut)
-        timer: asyncio.Future[None] | None = None
-        deadline = self._wake_deadline() if self._reading is None else None
-        try:
-            if deadline is not None and self._timekeeper is None:
-                self._timekeeper, self._timer_due = fut, deadline
-                timer = asyncio.ensure_future(
-                    self._clock.sleep(deadline - self._clock.monotonic()))
-                await asyncio.wait((fut, timer), return_when=asyncio.FIRST_COMPLETED)
-                if timer.done():
-                    timer.result()  # surface a failing clock instead of spinning
-            else:
-                await fut
-        except BaseException:
-            self._unpark(fut, timer)
-            self._kick()  # a wake-up, or the timer we held, must not die with us
-            raise
-        self._unpark(fut, timer)
-
-    def _unpark(self, fut: asyncio.Future[None], timer: asyncio.Future[None] | None) -> None:
-        if timer is not None and not timer.done():
-            timer.cancel()
-        if self._timekeeper is fut:
-            self._timekeeper, self._timer_due = None, math.inf
-        if not fut.done():
-            fut.cancel()
-        if fut in self._getters:
-            self._getters.remove(fut)
-
     def _rearm_timer(self) -> None:
-        """A sooner retry: wake the timekeeper so that it sleeps until the new deadline."""
-        keeper = self._timekeeper
-        deadline = self._wake_deadline()
-        if keeper is not None and deadline is not None and deadline < self._timer_due \
-                and not keeper.done():
-            self._getters.remove(keeper)
-            keeper.set_result(None)
+        self._parking.rearm(self._wake_deadline())
 
     def _kick(self) -> None:
         """Wake a parked take() if there is something nobody has been woken for."""
-        if not self._getters:
-            return
-        if self._ready or (self._timekeeper is None and self._reading is None
-                           and self._wake_deadline() is not None):
-            self._wake_one()
-
-    def _wake_one(self) -> None:
-        """Wake one parked take(), the timekeeper last (it is watching the clock)."""
-        getters = self._getters
-        for fut in getters:
-            if fut is not self._timekeeper and not fut.done():
-                break
-        else:
-            fut = self._timekeeper
-            if fut is None or fut.done() or fut not in getters:
-                return
-        getters.remove(fut)
-        fut.set_result(None)
+        parking = self._parking
+        if parking and (self._ready or (not parking.has_timekeeper and self._reading is None
+                                        and self._wake_deadline() is not None)):
+            parking.wake_one()
 
 
 def _event(row: Row, mono: float, wall: float) -> Event:
