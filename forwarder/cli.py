@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import http.client
 import json
 import os
 import signal
@@ -19,12 +20,18 @@ import orjson
 
 from . import __version__
 from .config import Config, ConfigError, load_config, render_effective
+from .preflight import preflight
 
 EXIT_CONFIG = 2
 EXIT_USAGE = 2  # as argparse's own usage errors
 EXIT_REJECTED = 1  # send: the daemon answered 4xx; sending the same event again cannot help
 EXIT_NOT_TAKEN = 3  # send: unreachable, or 503/5xx; the same event may be sent again later
 SEND_TIMEOUT_S = 5.0
+# Every reason a dead letter is written with: upstream.classify()'s DEAD_LETTER reasons
+# (404 contact_not_found, any other 4xx rejected) and workers' retries_exhausted.
+# unknown_outcome is for a summary whose answer had not come back when the stop's grace
+# ran out (issue 12 A8): it is set aside, not resent, as summaries have no dedup key.
+DEAD_LETTER_REASONS = ("contact_not_found", "rejected", "retries_exhausted", "unknown_outcome")
 
 
 def _config_arg(p: argparse.ArgumentParser) -> None:
@@ -49,8 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("demo", help="run the daemon against an embedded fake Intercom with a "
                                 "realistic mix of events, and report what happened (no token)")
 
-    p = sub.add_parser("check-config", help="validate a config and print the effective one "
-                                            "(token redacted)")
+    # Its options are fake_intercom.main's own: main() hands the rest of argv over, so the
+    # ~0.4 s import of aiohttp is paid only by this command.
+    sub.add_parser("fake-intercom", add_help=False,
+                   help="run a fake Intercom on 127.0.0.1:8378 to try the daemon by hand "
+                        "(see fake-intercom --help)")
+
+    p = sub.add_parser("check-config", help="check a config as serve would at start (every "
+                                            "problem, one a line) and print the effective "
+                                            "one (token redacted)")
     _config_arg(p)
 
     p = sub.add_parser("dead-letters", help="list or replay dead-lettered events")
@@ -60,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "accepted ones are removed from the file"))):
         q = dl.add_parser(name, help=help_text)
         _config_arg(q)
-        q.add_argument("--reason", help="only entries with this reason "
-                                        "(contact_not_found, rejected, retries_exhausted)")
+        q.add_argument("--reason", choices=DEAD_LETTER_REASONS,
+                       help="only entries with this reason")
 
     p = sub.add_parser("send", help="send one event to a running daemon (exit 0 accepted, "
                                     "1 rejected, 3 not taken or unreachable)")
@@ -88,7 +102,13 @@ def _load(path: str | None) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "fake-intercom":
+        from .fake_intercom import main as fake_intercom_main
+        return fake_intercom_main(rest, prog=f"{parser.prog} fake-intercom")
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.command == "serve":
             return _serve(args)
@@ -97,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             return demo_main()
         if args.command == "check-config":
             cfg = _load(args.config)
+            if problems := preflight(cfg):
+                return _refuse(problems)
             sys.stdout.write(render_effective(cfg))
             return 0
         if args.command == "dead-letters":
@@ -104,11 +126,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "send":
             return _send(args)
     except ConfigError as exc:
-        print(f"intercom-forwarder: config error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _refuse([exc])
     except KeyboardInterrupt:
         return 130
     return 2
+
+
+def _refuse(problems: list[ConfigError]) -> int:
+    for problem in problems:
+        print(f"intercom-forwarder: config error: {problem}", file=sys.stderr)
+    return EXIT_CONFIG
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -117,17 +144,22 @@ def _serve(args: argparse.Namespace) -> int:
     from .service import Service
 
     cfg = _load(args.config)
+    # Taken once: each call wraps the passed fds in new socket objects.
+    sockets = listen_fds(os.environ)
+    if problems := preflight(cfg, socket_activated=bool(sockets)):
+        return _refuse(problems)  # before any log line: nothing has started
     configure_logging(cfg.log.level, cfg.log.format)
     _install_loop(args.loop)
 
     async def _main() -> int:
         service = Service(cfg, notifier=SystemdNotifier.from_env(os.environ),
-                          listen_sockets=listen_fds(os.environ))
+                          listen_sockets=sockets,
+                          reload_config=lambda: _load(args.config))  # SIGHUP
         freeze_startup_heap()
         code = await service.run()
         # Everything is delivered or spooled now: a late SIGTERM (systemd, a test, an
         # impatient operator) must not turn this exit 0 into death by signal in teardown.
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
         return code
 
@@ -174,6 +206,11 @@ def _dead_letters(args: argparse.Namespace) -> int:
     # stdout carries only the JSON lines people pipe into jq; log lines go to stderr.
     configure_logging(cfg.log.level, cfg.log.format)
     state_dir = Path(cfg.storage.state_dir)
+    if not state_dir.is_dir():
+        # Not "no dead letters": most likely a config other than the daemon's.
+        what = "is not a directory" if state_dir.exists() else "does not exist"
+        raise ConfigError("storage.state_dir", f"{state_dir} {what}; is this the daemon's "
+                                               "config (--config, FORWARDER_STORAGE__STATE_DIR)?")
     if args.dl_command == "list":
         out = sys.stdout.buffer
         for entry in read_entries(state_dir, reason=args.reason):
@@ -194,7 +231,10 @@ def _dead_letters(args: argparse.Namespace) -> int:
 
 
 def _send(args: argparse.Namespace) -> int:
-    from .client import EventClient, build_event
+    """POST the event to /events/batch, as a batch of one: POST /events answers 202 with an
+    empty body (as Intercom does), while a batch's answer says whether the event was a
+    duplicate and which metadata keys were dropped."""
+    from .client import build_event
 
     try:
         metadata = _parse_metadata(args.metadata)
@@ -204,35 +244,75 @@ def _send(args: argparse.Namespace) -> int:
     event = build_event(args.event_name, user_id=args.user_id, email=args.email, id=args.id,
                         created_at=args.created_at, metadata=metadata or None)
     try:
-        if args.socket:
-            client = EventClient(unix_socket=args.socket, timeout_s=SEND_TIMEOUT_S)
-        elif args.url:
-            client = EventClient(args.url, timeout_s=SEND_TIMEOUT_S)
+        if args.socket or args.url:
+            conn, path, target = _daemon_connection(args.url or "", args.socket or "")
         else:
             intake = _load(args.config).intake
             host = "127.0.0.1" if intake.host in ("0.0.0.0", "::", "") else intake.host
-            client = EventClient(f"http://{host}:{intake.port}",
-                                 unix_socket=intake.unix_socket or None,
-                                 timeout_s=SEND_TIMEOUT_S)
+            conn, path, target = _daemon_connection(f"http://{host}:{intake.port}",
+                                                    intake.unix_socket)
     except ValueError as exc:  # a malformed --url
         print(f"intercom-forwarder send: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    with client:
-        reply = client.post_event(event)
-    answer = reply.body.decode("utf-8", "replace")
-    if reply.accepted:
-        print(f"{reply.status} accepted")
+    # The stdlib encoder, as forwarder.client's: NaN is refused, big integers pass.
+    body = json.dumps([event], separators=(",", ":"), allow_nan=False).encode()
+    try:
+        conn.request("POST", path, body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        status, answer = response.status, response.read()
+    except (OSError, http.client.HTTPException) as exc:
+        print(f"intercom-forwarder send: cannot reach the daemon at {target}: "
+              f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_NOT_TAKEN
+    finally:
+        conn.close()
+    return _report_sent(status, answer)
+
+
+def _daemon_connection(url: str, unix_socket: str
+                       ) -> tuple[http.client.HTTPConnection, str, str]:
+    """A connection to the daemon (not yet opened), the batch route's path, and the target
+    as messages name it. The url is parsed as forwarder.client parses it (a path prefix,
+    for a proxy in front of the intake, is kept); its ValueError names a malformed one."""
+    from .client import UnixHTTPConnection, _Target
+
+    target = _Target.parse(url, unix_socket or None)
+    batch_path = target.path + "/batch"  # target.path is the prefix + "/events"
+    if target.unix_socket:
+        return UnixHTTPConnection(target.unix_socket, SEND_TIMEOUT_S), batch_path, str(target)
+    conn = http.client.HTTPConnection(target.host, target.port, timeout=SEND_TIMEOUT_S)
+    return conn, batch_path, str(target)
+
+
+def _report_sent(status: int, answer: bytes) -> int:
+    """Print what became of the one event and return send's exit code."""
+    text = answer.decode("utf-8", "replace")
+    if status == 202:
+        try:
+            result = orjson.loads(answer)
+            rejected, duplicates = result["rejected"], result["duplicates"]
+            truncated = result.get("truncated", [])
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            print(f"intercom-forwarder send: not a batch answer ({status}), is this the "
+                  f"daemon?: {text}", file=sys.stderr)
+            return EXIT_NOT_TAKEN
+        if rejected:
+            errors = {"type": "error.list", "errors": rejected[0]["errors"]}
+            print(f"intercom-forwarder send: rejected: {orjson.dumps(errors).decode()}",
+                  file=sys.stderr)
+            return EXIT_REJECTED
+        print(f"{status} duplicate (already sent within the dedup window; not forwarded again)"
+              if duplicates else f"{status} accepted")
+        for entry in truncated:
+            print("intercom-forwarder send: metadata keys dropped (Intercom keeps the first 10): "
+                  + ", ".join(entry["dropped_metadata_keys"]), file=sys.stderr)
         return 0
-    if reply.outcome == "rejected":
-        print(f"intercom-forwarder send: rejected ({reply.status}): {answer or reply.error}",
-              file=sys.stderr)
+    if 400 <= status < 500 and status not in (408, 429):
+        print(f"intercom-forwarder send: rejected ({status}): {text}", file=sys.stderr)
         return EXIT_REJECTED
-    if reply.status:
-        print(f"intercom-forwarder send: not taken ({reply.status}), try again later: "
-              f"{answer}", file=sys.stderr)
-    else:
-        print(f"intercom-forwarder send: cannot reach the daemon at {client.target}: "
-              f"{reply.error}", file=sys.stderr)
+    # 503 (queue full: the answer's not_taken names the event; shutting down), 5xx, 429.
+    print(f"intercom-forwarder send: not taken ({status}), try again later: {text}",
+          file=sys.stderr)
     return EXIT_NOT_TAKEN
 
 

@@ -324,6 +324,26 @@ def _resolve_token(ic: IntercomConfig, env: Mapping[str, str], origin: str) -> I
     return replace(ic, access_token=Secret(token), access_token_source=source)
 
 
+# How _resolve_token names a token it read (a file, the credential, the variable), as
+# opposed to one written into the config itself (intercom.access_token).
+_READ_TOKEN_SOURCES = ("access_token_file ", "systemd credential ", TOKEN_ENV)
+
+
+def reread_token(ic: IntercomConfig, env: Mapping[str, str] | None = None) -> IntercomConfig:
+    """`ic` with its token read again from where start-up found it, by start-up's rules:
+    access_token_file, else the systemd credential, else INTERCOM_ACCESS_TOKEN. This is how
+    a rotated token file reaches a running daemon (a reload, or the auth probe).
+
+    A token written into the config itself (intercom.access_token) is kept as it is: it
+    changes with the config file. Raises ConfigError as load_config does (an unreadable
+    or empty file), never naming the token.
+    """
+    if ic.access_token and not ic.access_token_source.startswith(_READ_TOKEN_SOURCES):
+        return ic
+    env = os.environ if env is None else env
+    return _resolve_token(replace(ic, access_token=Secret("")), env, "")
+
+
 def _read_token_file(path: Path) -> str:
     """The file's text stripped of surrounding whitespace (Docker secrets end in a newline)."""
     try:

@@ -1,5 +1,6 @@
 """A fake of Intercom's Data Events API (an aiohttp app on 127.0.0.1) for tests, the
-benchmarks and `intercom-forwarder demo`; it records every request it receives.
+benchmarks, `intercom-forwarder demo`, and trying the daemon by hand with
+`intercom-forwarder fake-intercom`; it records every request it receives.
 
 It answers as Intercom's pages describe ("Submit a data event", "List all data events",
 the rate-limiting page): POST /events -> 202 with an empty body, duplicates (same contact,
@@ -21,6 +22,8 @@ import enum
 import http
 import itertools
 import math
+import signal
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Self
@@ -354,38 +357,69 @@ class FakeIntercom:
         return self._answer(rec, 200, orjson.dumps(listing))
 
 
-def main(argv: list[str] | None = None) -> None:
-    """python -m forwarder.fake_intercom: run the fake by hand until Ctrl-C."""
-    parser = argparse.ArgumentParser(prog="python -m forwarder.fake_intercom")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=4011)
-    parser.add_argument("--budget", type=int, default=None, help="calls per window")
-    parser.add_argument("--window-seconds", type=float, default=10.0)
-    parser.add_argument("--unknown", default="", help="comma-separated unknown contacts")
-    parser.add_argument("--token", default="test-token")
+DEFAULT_PORT = 8378  # beside the daemon's 8377
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m forwarder.fake_intercom") -> int:
+    """`intercom-forwarder fake-intercom` (cli.py hands over its arguments), or python -m
+    forwarder.fake_intercom: serve the fake by hand until SIGINT or SIGTERM, then stop
+    cleanly and exit 0. The first line printed is the URL alone, for scripts."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description="A fake Intercom Data Events API to try the daemon by hand: "
+                               "it answers like Intercom and keeps what it is sent (read it "
+                               "back with GET /events?type=user&user_id=...).")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help="port to listen on; 0 picks a free one (default: %(default)s)")
+    parser.add_argument("--token", default="test-token",
+                        help="the only access token it accepts (default: %(default)s)")
+    parser.add_argument("--unknown-contact", action="extend", nargs="+", default=[],
+                        metavar="ID", help="a user_id, email or id it answers 404 (contact "
+                                           "not found), so the daemon dead-letters its events")
+    parser.add_argument("--budget", type=int, default=None,
+                        help="calls allowed per window; more are answered 429 (default: no "
+                             "limit)")
+    parser.add_argument("--window-seconds", type=float, default=10.0,
+                        help="the rate-limit window (default: %(default)s)")
     args = parser.parse_args(argv)
 
-    async def run() -> None:
-        fake = FakeIntercom(
-            token=args.token,
-            budget=args.budget,
-            window_seconds=args.window_seconds,
-            unknown_contacts=[u for u in args.unknown.split(",") if u],
-            host=args.host,
-            port=args.port,
-        )
-        await fake.start()
-        print(fake.url, flush=True)
+    async def run() -> int:
+        fake = FakeIntercom(token=args.token, budget=args.budget,
+                            window_seconds=args.window_seconds,
+                            unknown_contacts=args.unknown_contact, host=args.host,
+                            port=args.port)
         try:
-            await asyncio.Event().wait()
+            await fake.start()
+        except OSError as exc:  # the port is taken, or the address is not ours
+            print(f"{prog}: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            return 1
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        unknown = ", ".join(args.unknown_contact) or "none"
+        print(f"{fake.url}\n"
+              f"fake Intercom: token {args.token}, unknown contacts: {unknown}; "
+              f"Ctrl-C stops it.\nPoint the daemon at it:\n"
+              f"  INTERCOM_ACCESS_TOKEN={args.token} FORWARDER_INTERCOM__BASE_URL={fake.url} "
+              f"intercom-forwarder serve", flush=True)
+        try:
+            await stop.wait()
         finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
             await fake.stop()
+        print(f"fake Intercom stopped: {len(fake.requests)} requests, {len(fake.delivered)} "
+              f"events kept, {fake.duplicates} duplicates", file=sys.stderr)
+        return 0
 
     try:
-        asyncio.run(run())
-    except KeyboardInterrupt:
-        pass
+        return asyncio.run(run())
+    except KeyboardInterrupt:  # before the handlers were in place
+        return 130
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -43,6 +43,13 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     )
 
 
+def set_log_level(level: str) -> None:
+    """Change the level at runtime (a reload); the renderer and output stay as configured.
+    Loggers are not cached (cache_logger_on_first_use=False), so every one follows."""
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)))
+
+
 class LogThrottle:
     """Lets one warning through per interval and counts the rest, so a client repeating a
     mistake (or Intercom refusing a token) yields a line a minute, not a line an event."""

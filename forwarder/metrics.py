@@ -2,14 +2,24 @@
 
 Each Service gets its own CollectorRegistry, so tests (and two services in one process)
 never share counters. Labels are low-cardinality by design: never an event name or a
-contact id.
+contact id. The registry also carries prometheus_client's standard process_* and python_*
+collectors (memory, CPU, open fds, GC, interpreter version), read from /proc at scrape time.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -101,6 +111,12 @@ class Metrics:
         self.retry_waiting = Gauge(
             f"{PREFIX}_retry_waiting", "Events waiting for their retry time", registry=r
         )
+        self.events_held = Gauge(
+            f"{PREFIX}_events_held",
+            "Accepted events not yet settled: queued, waiting for a retry, at the rate gate, "
+            "on the wire, or held by the auth probe",
+            registry=r,
+        )
         self.upstream_requests = Counter(
             f"{PREFIX}_upstream_requests",
             "Requests sent to Intercom, by HTTP status (or 'error' for network failures)",
@@ -140,6 +156,12 @@ class Metrics:
             registry=r,
         )
 
+        # The standard runtime metrics (the deploy docs size memory limits with
+        # process_resident_memory_bytes). Their own names, not intercom_forwarder_*.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+
         # Series that exist from the start read 0 rather than absent, so rate() and
         # increase() see the first event of each kind.
         for outcome in ("accepted", "duplicate", "rejected", "queue_full"):
@@ -154,6 +176,10 @@ class Metrics:
         """Read queue sizes at scrape time, so the hot path never updates a gauge."""
         self.queue_depth.set_function(ready)
         self.retry_waiting.set_function(waiting)
+
+    def bind_held(self, held: Callable[[], int]) -> None:
+        """Read the number of unsettled events at scrape time (see bind_queue)."""
+        self.events_held.set_function(held)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

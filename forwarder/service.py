@@ -8,33 +8,37 @@ close), drain for up to shutdown.drain_seconds, stop the workers (sends on the w
 short grace), write every unsent event to the spool (what a full disk refuses is logged
 with its count), close connections. stop() is idempotent and cancel-safe.
 A signal handler only sets a flag; a second SIGTERM/SIGINT skips the drain.
+SIGHUP reloads: the token and log.level are read again (reload()), nothing stops.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import signal
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Self
 
 import structlog
 
 from .clock import Clock, SystemClock
-from .config import Config, ConfigError
+from .config import Config, ConfigError, IntercomConfig, reread_token
 from .deadletter import DeadLetterFile
 from .dedup import DedupWindow
 from .intake.http import Intake
 from .intake.listen import Listener
 from .intake.proxy import EventsProxy
 from .intake.routes import Routes
+from .logs import LogThrottle, set_log_level
 from .metrics import Metrics
 from .notify import SystemdNotifier
 from .queue import EventQueue
 from .ratelimit import RateGate
 from .spool import Spool, SpoolWriteError
+from .statedir import StateDirLock
 from .upstream import UpstreamClient
 from .workers import Workers
 
@@ -56,13 +60,19 @@ class Service:
         rng: random.Random | None = None,
         notifier: SystemdNotifier | None = None,
         listen_sockets: Sequence[socket.socket] = (),
+        reload_config: Callable[[], Config] | None = None,
     ):
         self.config = config
         self.clock: Clock = clock or SystemClock()
         self._rng = rng or random.Random()
         self._notifier = notifier
         self._listen_sockets = listen_sockets
+        # What SIGHUP reads again (the CLI: the config file and the environment); without
+        # it, reload() reads the token again from where start-up found it.
+        self._reload_config = reload_config
+        self._reload_log = LogThrottle(self.clock, 60.0)  # the probe's failed re-reads
         state_dir = Path(config.storage.state_dir)
+        self._state_lock = StateDirLock(state_dir)  # one daemon per state dir (issue 12 B9)
         self.metrics = Metrics()
         self.queue = EventQueue(config.queue.max_events, self.clock)
         self.dedup = DedupWindow(config.dedup.window_seconds, config.dedup.max_keys, self.clock)
@@ -78,7 +88,8 @@ class Service:
                                dead_letters=self.dead_letters, metrics=self.metrics,
                                clock=self.clock, retry=config.retry,
                                concurrency=config.workers.concurrency, rng=self._rng,
-                               on_dead_letter=self._forget_key)
+                               on_dead_letter=self._forget_key,
+                               refresh_token=self._refresh_token)
         # GET /events: reads share the workers' rate gate and client (ahead of writes).
         self.proxy = EventsProxy(gate=self.gate, upstream=self.upstream, readiness=self,
                                  metrics=self.metrics)
@@ -94,6 +105,7 @@ class Service:
                                  max_body_bytes=config.intake.max_body_bytes,
                                  unix_socket=config.intake.unix_socket, sockets=listen_sockets)
         self.metrics.bind_queue(lambda: self.queue.ready, lambda: self.queue.waiting)
+        self.metrics.bind_held(lambda: len(self.queue) + self.workers.holding)
         self._accepting = False
         self._started = False
         self._spool_loaded = False  # until then the spool on disk is the only copy
@@ -126,6 +138,9 @@ class Service:
     # -- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
+        # First: before the spool is read or a socket bound, so a second daemon on this
+        # state dir leaves the first's files alone (raises StateDirBusy).
+        self._state_lock.acquire()
         if not self.config.intercom.access_token:
             raise ConfigError("intercom.access_token",
                               "no Intercom access token: set INTERCOM_ACCESS_TOKEN, "
@@ -160,6 +175,14 @@ class Service:
         await asyncio.shield(task)
 
     async def _stop(self) -> None:
+        if not self._state_lock.held:
+            return  # never started, or the start lost the lock: the files are another's
+        try:
+            await self._stop_in_order()
+        finally:
+            self._state_lock.release()  # last: the spool is written, the socket removed
+
+    async def _stop_in_order(self) -> None:
         # 1. The intake first: new requests, and any still reading their body, get 503
         #    (a closed queue refuses every offer); then the listeners close, so nothing is
         #    answered 202 after the queue is taken for the spool.
@@ -201,7 +224,7 @@ class Service:
         try:
             await self.upstream.close()
         finally:
-            self.dead_letters.close()
+            await self.dead_letters.close()
         if self._started:
             log.info("spool.written" if written else "service.drained", events=written,
                      drained=drained)
@@ -246,6 +269,8 @@ class Service:
         signals = (signal.SIGTERM, signal.SIGINT)
         for sig in signals:
             loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)  # its default would kill us
+        signals += (signal.SIGHUP,)
         try:
             await self.start()
             await self._stop_requested.wait()
@@ -254,6 +279,59 @@ class Service:
             for sig in signals:
                 loop.remove_signal_handler(sig)
         return self.exit_code
+
+    # -- reload (SIGHUP) and token rotation ----------------------------------------------
+
+    def reload(self) -> None:
+        """What SIGHUP does: read the token and log.level again and use them; other settings
+        that changed are named in the log and need a restart. A reload that fails keeps
+        everything as it was. While paused on 401/403, probe at once with the new token."""
+        try:
+            fresh = self._reload_config() if self._reload_config is not None else None
+            intercom = (fresh.intercom if fresh is not None
+                        else reread_token(self.config.intercom))
+            if not intercom.access_token:
+                raise ConfigError("intercom.access_token", "no Intercom access token now; "
+                                                           "keeping the one in use")
+        except (ConfigError, OSError) as exc:
+            log.error("service.reload_failed", trigger="sighup", error=str(exc))
+            return
+        level = fresh.log.level if fresh is not None else self.config.log.level
+        changed = [name for name, differs in (
+            ("token", intercom.access_token != self.config.intercom.access_token),
+            ("log.level", level != self.config.log.level)) if differs]
+        not_applied = _restart_needed(self.config, fresh) if fresh is not None else []
+        self._use_token(intercom)
+        # Logged before a new level applies, so that even "error" confirms the reload.
+        log.info("service.reloaded", trigger="sighup", changed=changed,
+                 token_source=intercom.access_token_source, not_applied=not_applied)
+        if "log.level" in changed:
+            self.config = dataclasses.replace(
+                self.config, log=dataclasses.replace(self.config.log, level=level))
+            set_log_level(level)
+        self.workers.probe_now()  # paused: try the (new) token now, not in up to 30 s
+
+    def _refresh_token(self) -> None:
+        """Before each auth probe: read the token file again, so that a secret manager or
+        a Kubernetes Secret that rewrites it heals a paused daemon with no signal at all.
+        A small file read on the loop, once per probe interval and only while paused."""
+        try:
+            intercom = reread_token(self.config.intercom)
+        except (ConfigError, OSError) as exc:
+            self._reload_log.error(log, "service.reload_failed", trigger="auth_probe",
+                                   error=str(exc))
+            return
+        if intercom.access_token and intercom.access_token != self.config.intercom.access_token:
+            self._use_token(intercom)
+            log.info("service.reloaded", trigger="auth_probe", changed=["token"],
+                     token_source=intercom.access_token_source, not_applied=[])
+
+    def _use_token(self, intercom: IntercomConfig) -> None:
+        ic = dataclasses.replace(self.config.intercom, access_token=intercom.access_token,
+                                 access_token_file=intercom.access_token_file,
+                                 access_token_source=intercom.access_token_source)
+        self.config = dataclasses.replace(self.config, intercom=ic)
+        self.upstream.set_token(ic.access_token)
 
     # -- internals ----------------------------------------------------------------------
 
@@ -310,3 +388,19 @@ async def _reap(tasks: list[asyncio.Task[None]]) -> None:
         if isinstance(result, Exception):
             log.error("service.task_failed", task=task.get_name(), error=repr(result),
                       exc_info=result)
+
+
+def _restart_needed(old: Config, new: Config) -> list[str]:
+    """The keys whose new value a reload does not apply (everything but the token and
+    log.level), as `section.key`."""
+    keep = {"access_token", "access_token_file", "access_token_source"}
+    names = []
+    for section in dataclasses.fields(Config):
+        before, after = getattr(old, section.name), getattr(new, section.name)
+        for key in dataclasses.fields(before):
+            if (section.name, key.name) == ("log", "level") or (
+                    section.name == "intercom" and key.name in keep):
+                continue
+            if getattr(before, key.name) != getattr(after, key.name):
+                names.append(f"{section.name}.{key.name}")
+    return names

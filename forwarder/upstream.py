@@ -223,6 +223,14 @@ class UpstreamClient:
             cookie_jar=aiohttp.DummyCookieJar(),
         )
 
+    def set_token(self, token: Secret) -> None:
+        """Send `token` from the next request on (a reload, or a rewritten token file).
+        Requests already on the wire finish with the old one. Only the header is rebuilt:
+        the session, its pooled connections and its other headers stay."""
+        self._token = token
+        if self._session is not None:
+            self._session.headers["Authorization"] = f"Bearer {token.reveal()}"
+
     async def close(self) -> None:
         session, self._session = self._session, None
         if session is not None:

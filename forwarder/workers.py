@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol
 
 import structlog
@@ -77,8 +77,8 @@ class Sender(Protocol):
 
 
 class DeadLetterSink(Protocol):
-    def append(self, event: Event, *, reason: str, status: int | None,
-               response_body: bytes) -> None: ...
+    async def append(self, event: Event, *, reason: str, status: int | None,
+                     response_body: bytes) -> None: ...
 
 
 class Workers:
@@ -98,6 +98,7 @@ class Workers:
         rng: random.Random | None = None,
         on_dead_letter: Callable[[Event], None] | None = None,
         probe_interval_s: float = AUTH_PROBE_INTERVAL_S,
+        refresh_token: Callable[[], None] | None = None,
     ):
         self._queue = queue
         self._gate = gate
@@ -120,6 +121,9 @@ class Workers:
         self._stopping = False
         self._paused_event: Event | None = None  # the event that found the token refused
         self._cut_off: list[Event] = []  # summaries cut off on the wire at stop
+        self._probe_event: Event | None = None  # the probe's event, at the gate or on the wire
+        self._refresh_token = refresh_token  # called before each probe: a rewritten token file
+        self._probe_wake = asyncio.Event()  # probe_now(): probe without waiting the interval
         self._auth_log = LogThrottle(clock, AUTH_LOG_INTERVAL_S)
         self._dead_log = LogThrottle(clock, 10.0)
         fwd = metrics.events_forwarded
@@ -145,6 +149,21 @@ class Workers:
     def in_flight(self) -> int:
         return self._in_flight
 
+    @property
+    def holding(self) -> int:
+        """Events taken from the queue and not yet settled: at the rate gate, on the wire,
+        and the auth pause's event (kept for the probe, or being probed). With len(queue)
+        that is every accepted event not yet delivered or dead-lettered. A worker's state
+        is not IDLE exactly while it has an event in hand."""
+        in_hand = sum(1 for state in self._states if state is not _State.IDLE)
+        return in_hand + (self._paused_event is not None) + (self._probe_event is not None)
+
+    def probe_now(self) -> None:
+        """While paused, probe at once instead of at the end of the interval (a reload put
+        a new token in place). Does nothing while forwarding runs."""
+        if self.paused:
+            self._probe_wake.set()
+
     async def drain(self, seconds: float, abort: asyncio.Event | None = None) -> bool:
         """Keep sending until nothing is queued or in flight, or until nothing more can be
         sent before the deadline (the time is spent, forwarding is paused, the rate gate
@@ -167,16 +186,10 @@ class Workers:
                          seconds_left=round(deadline - now, 3))
                 return False
             self._changed.clear()
-            waiters = [asyncio.ensure_future(self._changed.wait()),
-                       asyncio.ensure_future(self._clock.sleep(min(deadline - now, 0.05)))]
+            waits = [self._changed.wait(), self._clock.sleep(min(deadline - now, 0.05))]
             if abort is not None:
-                waiters.append(asyncio.ensure_future(abort.wait()))
-            try:
-                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for w in waiters:
-                    w.cancel()
-                await asyncio.gather(*waiters, return_exceptions=True)
+                waits.append(abort.wait())
+            await _first_of(*waits)
 
     def _nothing_sendable_before(self, deadline: float, idle: bool) -> bool:
         """True when waiting for the deadline cannot deliver anything more: the rate gate
@@ -213,9 +226,9 @@ class Workers:
         if self._paused_event is not None:
             self._queue.requeue_front(self._paused_event)
             self._paused_event = None
-        self._settle_cut_off()
+        await self._settle_cut_off()
 
-    def _settle_cut_off(self) -> None:
+    async def _settle_cut_off(self) -> None:
         """Summaries have no dedup key, so Intercom cannot drop a resend: a summary whose
         answer did not come back before the grace may already be counted, and resending it
         after a restart could count it twice. It is dead-lettered as unknown_outcome
@@ -224,8 +237,8 @@ class Workers:
         cut_off, self._cut_off = self._cut_off, []
         for event in cut_off:
             try:
-                self._dead_letters.append(event, reason=UNKNOWN_OUTCOME, status=None,
-                                          response_body=b"")
+                await self._dead_letters.append(event, reason=UNKNOWN_OUTCOME, status=None,
+                                                response_body=b"")
             except OSError as exc:
                 # Not recorded: keep it (a resend may double-count) rather than lose it.
                 log.error("deadletter.write_failed", reason=UNKNOWN_OUTCOME, error=repr(exc))
@@ -262,7 +275,7 @@ class Workers:
                 self._queue.requeue_front(event)
                 continue
             verdict = await self._send(event, i)
-            self._settle(event, verdict)
+            await self._settle(event, verdict)
 
     async def _send(self, event: Event, i: int | None = None) -> Verdict:
         """Pass the rate gate and send. If this is cancelled (not sent, or cut off on the
@@ -294,18 +307,20 @@ class Workers:
                 self._gate.release(None, None)
             raise
 
-    def _settle(self, event: Event, verdict: Verdict) -> None:
+    async def _settle(self, event: Event, verdict: Verdict) -> None:
         """Tell the gate, then act on the verdict. A failure in either (a bug) still
         leaves the event where the verdict says, then ends the worker with the error, so
         the service logs it and stops instead of carrying on with a broken gate."""
         try:
             self._gate.release(verdict.status, verdict.rate, verdict.retry_after_s)
         finally:
-            self._act(event, verdict)
+            await self._act(event, verdict)
 
-    def _act(self, event: Event, verdict: Verdict) -> None:
+    async def _act(self, event: Event, verdict: Verdict) -> None:
         """Put the event where the verdict says. If the bookkeeping around that fails (a
-        bug), an event that did not reach its place goes back to the queue."""
+        bug), an event that did not reach its place goes back to the queue. The one await
+        is the dead-letter append, and a CancelledError out of it means the line is in the
+        file (deadletter.py), so a cancellation never puts the event back."""
         outcome = verdict.outcome
         placed = outcome is Outcome.DELIVERED
         try:
@@ -313,15 +328,15 @@ class Workers:
             if outcome is Outcome.DELIVERED:
                 self._m_delivered.inc()
             elif outcome is Outcome.RATE_LIMITED:
-                placed = self._rate_limited(event, verdict)
+                self._rate_limited(event, verdict)
             elif outcome is Outcome.RETRY_LATER:
-                placed = self._retry_later(event, verdict)
+                await self._retry_later(event, verdict)
             elif outcome is Outcome.DEAD_LETTER:
-                placed = self._dead_letter(event, verdict, verdict.reason)
+                await self._dead_letter(event, verdict, verdict.reason)
             elif outcome is Outcome.PAUSE_AUTH:
-                placed = self._pause(event, verdict)
-        except BaseException:
-            if not placed:
+                self._pause(event, verdict)
+        except BaseException as exc:
+            if not placed and not isinstance(exc, asyncio.CancelledError):
                 self._queue.requeue_front(event)
             raise
 
@@ -343,11 +358,11 @@ class Workers:
         self._metrics.rate_limited.inc()
         self._queue.requeue_front(event)
 
-    def _retry_later(self, event: Event, verdict: Verdict) -> None:
+    async def _retry_later(self, event: Event, verdict: Verdict) -> None:
         attempts = event.attempts + 1
         if attempts >= self._retry.max_attempts:
             event.attempts = attempts
-            self._dead_letter(event, verdict, "retries_exhausted")
+            await self._dead_letter(event, verdict, "retries_exhausted")
             return
         cap = min(self._retry.max_delay_seconds,
                   self._retry.base_delay_seconds * 2 ** (attempts - 1))
@@ -360,12 +375,15 @@ class Workers:
         event.attempts = attempts
         self._queue.retry_later(event, delay)
 
-    def _dead_letter(self, event: Event, verdict: Verdict, reason: str) -> None:
+    async def _dead_letter(self, event: Event, verdict: Verdict, reason: str) -> None:
         if verdict.outcome is Outcome.DEAD_LETTER:
             event.attempts += 1
         try:
-            self._dead_letters.append(event, reason=reason, status=verdict.status,
-                                      response_body=verdict.body)
+            await self._dead_letters.append(event, reason=reason, status=verdict.status,
+                                            response_body=verdict.body)
+        except asyncio.CancelledError:  # cancelled, but the line is in the file
+            self._dead_lettered(event, verdict, reason)
+            raise
         except OSError as exc:
             # The disk refused the line (full, or permissions): the event must not vanish.
             # It waits as a retry; if the daemon stops first, the spool keeps it.
@@ -373,6 +391,9 @@ class Workers:
                                  error=repr(exc))
             self._queue.retry_later(event, self._retry.max_delay_seconds)
             return
+        self._dead_lettered(event, verdict, reason)
+
+    def _dead_lettered(self, event: Event, verdict: Verdict, reason: str) -> None:
         try:  # the event is in the file now: a failure below must not put it back
             self._metrics.events_forwarded.labels("dead_lettered", reason).inc()
             if self._on_dead_letter is not None:
@@ -405,20 +426,26 @@ class Workers:
     async def _probe(self) -> None:
         try:
             while not self._stopping:
-                await self._clock.sleep(self._probe_interval_s)
+                await self._wait_for_probe()
+                if self._refresh_token is not None:
+                    self._refresh_token()  # a secret manager may have rewritten the file
                 event = self._paused_event
                 if event is None:
                     return
                 self._paused_event = None
-                verdict = await self._send(event)
-                if verdict.outcome is not Outcome.PAUSE_AUTH:
-                    self._resume()
-                    self._settle(event, verdict)
-                    return
+                self._probe_event = event
                 try:
-                    self._gate.release(verdict.status, verdict.rate, verdict.retry_after_s)
+                    verdict = await self._send(event)
+                    if verdict.outcome is not Outcome.PAUSE_AUTH:
+                        self._resume()
+                        await self._settle(event, verdict)
+                        return
+                    try:
+                        self._gate.release(verdict.status, verdict.rate, verdict.retry_after_s)
+                    finally:
+                        self._paused_event = event  # still refused: keep it for the next probe
                 finally:
-                    self._paused_event = event  # still refused: keep it for the next probe
+                    self._probe_event = None
                 self._record_request(verdict)
                 self._auth_log.error(log, "upstream.auth_paused", status=verdict.status,
                                      reason=verdict.reason,
@@ -427,9 +454,26 @@ class Workers:
             if self._probe_task is asyncio.current_task():
                 self._probe_task = None
 
+    async def _wait_for_probe(self) -> None:
+        """The probe interval, cut short by probe_now()."""
+        if not self._probe_wake.is_set():
+            await _first_of(self._clock.sleep(self._probe_interval_s), self._probe_wake.wait())
+        self._probe_wake.clear()
+
     def _resume(self) -> None:
         log.info("upstream.auth_resumed")
+        self._probe_wake.clear()  # a probe_now() during the last probe is spent
         self._metrics.paused.set(0)
         self._running.set()
         self._changed.set()
 
+
+async def _first_of(*waits: Awaitable[object]) -> None:
+    """Wait until the first of `waits` finishes; cancel and reap the rest (on cancel too)."""
+    waiters = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)

@@ -5,7 +5,8 @@ a daemon started in the test (its state dir, its intake port or Unix socket).
 The daemon's Intercom does not know contact "ghost", so events for it are dead-lettered
 as contact_not_found; one other event is refused with a 400 (reason rejected) so the
 --reason filter has something to leave alone. The CLI runs asynchronously because the
-daemon it replays through shares the test's event loop.
+daemon it replays through shares the test's event loop. The last test stands another
+process beside the daemon that holds the dead-letter lock, as a stuck CLI run would.
 """
 
 from __future__ import annotations
@@ -23,6 +24,16 @@ import pytest
 from forwarder.fake_intercom import FakeIntercom
 from forwarder.service import Service
 from tests.conftest import TOKEN, wait_until
+
+# A process that holds the dead-letter lock (argv[1]) until its stdin closes, or argv[2]
+# seconds at most: a daemon that blocks its event loop on the lock must fail, not hang.
+HOLD_LOCK = """
+import fcntl, select, sys
+with open(sys.argv[1], "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    print("held", flush=True)
+    select.select([sys.stdin], [], [], float(sys.argv[2]))
+"""
 
 ROOT = Path(__file__).resolve().parents[2]
 NOW = 1_700_000_000
@@ -221,3 +232,30 @@ async def test_the_cli_writes_only_json_to_stdout_and_its_log_lines_to_stderr(
     assert code == 0
     assert json_lines(out) == [{"accepted": 2, "rejected": 0, "failed": 0}]
     assert "deadletter.replayed" in err
+
+
+async def test_the_daemon_keeps_answering_while_another_process_holds_the_dead_letter_lock(
+        make_service, intercom, clock):
+    """Steps: another process holds dead-letter.jsonl.lock; Intercom refuses an event for
+    ghost with 404, so the daemon has a dead letter to append; an app posts another event;
+    the other process exits. Expect: that post is answered 202 while the dead letter still
+    waits for the lock (the event loop is not stuck on it), and once the lock is free the
+    dead letter is in the file."""
+    svc = await make_service(clock=clock, upstream_url=intercom.url)
+    lock_path = dead_letter_path(svc).with_name("dead-letter.jsonl.lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", HOLD_LOCK, str(lock_path), "3", stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE)
+    try:
+        assert await asyncio.wait_for(holder.stdout.readline(), 10) == b"held\n"
+        await post(svc, GHOSTS[0])
+        await wait_until(lambda: svc.metrics.registry.get_sample_value(
+            "intercom_forwarder_upstream_requests_total", {"status": "404"}) == 1)
+        await post(svc, {"event_name": "placed-order", "created_at": NOW, "user_id": "u-ok"})
+        assert dead_letter_lines(svc) == []
+    finally:
+        holder.stdin.close()
+        await holder.wait()
+    await wait_until(lambda: len(dead_letter_lines(svc)) == 1)
+    assert dead_letter_lines(svc)[0]["event"] == GHOSTS[0]

@@ -72,6 +72,39 @@ async def test_send_without_a_target_uses_the_configs_unix_socket(make_service, 
     assert isinstance(sent["created_at"], int)
 
 
+async def test_sending_the_same_event_again_exits_0_and_says_it_was_a_duplicate(
+        make_service, fake_intercom):
+    """Steps: send an event; send it again (same contact, name and created_at); send
+    another. Expect: the second says duplicate and exits 0; Intercom receives the first
+    and the third only."""
+    svc = await make_service()
+    same = ("placed-order", "--user-id", "314159", "--created-at", str(NOW), "--url", svc.url)
+    assert await send(*same) == (0, "202 accepted\n", "")
+    code, out, err = await send(*same)
+    assert (code, err) == (0, "")
+    assert out == ("202 duplicate (already sent within the dedup window; "
+                   "not forwarded again)\n")
+    assert (await send("refunded", "--user-id", "314159", "--created-at", str(NOW),
+                       "--url", svc.url))[0] == 0
+    await fake_intercom.wait_for_delivered(2)
+    assert sorted(e["event_name"] for e in fake_intercom.delivered) == ["placed-order",
+                                                                        "refunded"]
+    assert len(fake_intercom.requests) == 2
+
+
+async def test_metadata_keys_past_the_tenth_are_named_as_dropped_and_exit_0(
+        make_service, fake_intercom):
+    svc = await make_service()
+    pairs = [arg for i in range(1, 13) for arg in ("--metadata", f"k{i:02d}={i}")]
+    code, out, err = await send("placed-order", "--user-id", "314159", "--created-at",
+                                str(NOW), "--url", svc.url, *pairs)
+    assert (code, out) == (0, "202 accepted\n")
+    assert err == ("intercom-forwarder send: metadata keys dropped (Intercom keeps the "
+                   "first 10): k11, k12\n")
+    await fake_intercom.wait_for_delivered(1)
+    assert list(fake_intercom.delivered[0]["metadata"]) == [f"k{i:02d}" for i in range(1, 11)]
+
+
 async def test_send_over_the_socket_flag_reaches_intercom(make_service, fake_intercom):
     svc = await make_service()
     code, _, _ = await send("logged-in", "--id", "6551e9a0c0f", "--created-at", str(NOW),
@@ -87,7 +120,7 @@ async def test_an_event_the_daemon_rejects_exits_1_and_prints_the_field(make_ser
     code, out, err = await send("x", "--user-id", "1", "--url", svc.url,
                                 "--metadata", 'tags=["a","b"]')
     assert (code, out) == (1, "")
-    assert "rejected (400)" in err
+    assert err.startswith("intercom-forwarder send: rejected: ")
     answer = orjson.loads(err.split(": ", 2)[2])
     assert "metadata.tags" in [e["field"] for e in answer["errors"]]
 
@@ -105,6 +138,7 @@ async def test_a_daemon_with_a_full_queue_exits_3_with_its_answer(make_service, 
     code, out, err = await send("third", "--user-id", "1", "--url", svc.url)
     assert (code, out) == (3, "")
     assert "not taken (503)" in err and "service_unavailable" in err
+    assert '"not_taken":[0]' in err  # the batch answer: the one event it sent
 
 
 async def test_an_unreachable_daemon_exits_3(refused_port):

@@ -29,7 +29,8 @@ def test_serve_freezes_the_service_it_built_before_running_it(monkeypatch, tmp_p
 
     monkeypatch.setattr("forwarder.service.Service", FakeService)
     config = tmp_path / "forwarder.toml"
-    config.write_text(f'[storage]\nstate_dir = "{tmp_path}"\n')
+    config.write_text(f'[intercom]\naccess_token = "t0k3n"\n'
+                      f'[storage]\nstate_dir = "{tmp_path}"\n')  # what serve checks first
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         assert cli.main(["serve", "--config", str(config)]) == 0

@@ -4,12 +4,15 @@ the check-config rendering. Every test passes its own env dict; nothing reads os
 from __future__ import annotations
 
 import dataclasses
+import re
+import shlex
 import tomllib
 import traceback
 from pathlib import Path
 
 import pytest
 
+from forwarder.cli import build_parser
 from forwarder.config import (
     Config,
     ConfigError,
@@ -587,3 +590,17 @@ def test_the_configuration_doc_lists_every_key_and_variable():
         if name not in text
     ]
     assert missing == []
+
+
+# --- the default file's own instructions ----------------------------------------------------
+
+
+def test_every_command_the_default_file_tells_you_to_run_is_one_the_cli_accepts():
+    """Its header once said `intercom-forwarder --config PATH`, which the CLI refuses."""
+    commands = re.findall(r"`intercom-forwarder ([^`]*)`", DEFAULT_FILE.read_text())
+    for command in commands:
+        try:
+            build_parser().parse_args(shlex.split(command))
+        except SystemExit:
+            pytest.fail(f"config/forwarder.toml shows a command the CLI refuses: {command}")
+    assert {c.split()[0] for c in commands} == {"serve", "check-config"}

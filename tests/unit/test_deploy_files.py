@@ -370,6 +370,16 @@ async def start_serve(
         )
 
 
+async def start_container_serve(
+    venv: ImageVenv, upstream: FakeIntercom, tmp_path: Path
+) -> tuple[asyncio.subprocess.Process, int, Path]:
+    """start_serve with the container's settings (env only, no --config) on a free port."""
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    env = serve_env(venv, upstream, tmp_path / "state", port)
+    return await start_serve(venv, env, log_path), port, log_path
+
+
 async def wait_healthy(
     venv: ImageVenv, proc: asyncio.subprocess.Process, port: int, log_path: Path
 ) -> None:
@@ -411,11 +421,7 @@ async def test_the_image_command_serves_forwards_and_exits_0_on_sigterm(
     """Steps: start `intercom-forwarder serve` from the venv with the container's settings
     (env only, no --config) -> healthcheck passes -> POST one event -> the fake Intercom
     receives it -> SIGTERM -> exit 0."""
-    port = free_port()
-    log_path = tmp_path / "serve.log"
-    proc = await start_serve(
-        image_venv, serve_env(image_venv, fake_intercom, tmp_path / "state", port), log_path
-    )
+    proc, port, log_path = await start_container_serve(image_venv, fake_intercom, tmp_path)
     try:
         await wait_healthy(image_venv, proc, port, log_path)
         event = {"event_name": "deploy-smoke", "created_at": int(time.time()), "user_id": "u-1"}
@@ -532,6 +538,30 @@ def test_systemd_unit_is_type_notify_with_a_watchdog_the_daemon_can_feed():
     assert first(svc, "Type") == "notify"
     assert first(svc, "NotifyAccess") == "main"
     assert seconds(first(svc, "WatchdogSec")) > 0
+
+
+@pytest.mark.skipif(bool(SERVE_MISSING), reason=SERVE_MISSING)
+async def test_systemctl_reload_runs_exec_reload_and_serve_reloads_instead_of_dying(
+    image_venv, fake_intercom, tmp_path
+):
+    """Steps: `intercom-forwarder serve` from the image venv; the unit's ExecReload= run
+    as systemd would for `systemctl reload`, $MAINPID being serve's PID. Expect: it exits
+    0, serve logs service.reloaded and stays healthy, and SIGTERM still exits 0."""
+    proc, port, log_path = await start_container_serve(image_venv, fake_intercom, tmp_path)
+    try:
+        await wait_healthy(image_venv, proc, port, log_path)
+        command = first(SERVICE["Service"], "ExecReload").replace("$MAINPID", str(proc.pid))
+        reload = await asyncio.create_subprocess_exec(*command.split())
+        assert await asyncio.wait_for(reload.wait(), 10) == 0
+        deadline = time.monotonic() + 15
+        while '"service.reloaded"' not in log_path.read_text():
+            assert proc.returncode is None, f"serve died on reload:\n{log_path.read_text()}"
+            assert time.monotonic() < deadline, log_path.read_text()
+            await asyncio.sleep(0.05)  # bounded polling for the log line
+        await wait_healthy(image_venv, proc, port, log_path)
+    finally:
+        code = await stop_serve(proc, log_path)
+    assert code == 0, log_path.read_text()
 
 
 def test_systemd_credential_is_the_one_config_reads():
