@@ -5,6 +5,7 @@
     .venv/bin/python bench/ab_intake.py HEAD~1 HEAD --loop uvloop --rounds 8
     .venv/bin/python bench/ab_intake.py HEAD~1 HEAD --mode batch     # POST /events/batch
     .venv/bin/python bench/ab_intake.py HEAD HEAD --loop-b uvloop    # does uvloop pay?
+    .venv/bin/python bench/ab_intake.py baseline HEAD                # the floor, co-scheduled
 
 Why co-scheduled: on this shared machine the speed of a core drifts by 15-25% over
 seconds, so two daemons measured one after the other differ by that much on noise alone.
@@ -20,6 +21,11 @@ warmth, and each does its fixed forwarding work (~166 sends/s, to bench/sink.py)
 a core, so both run slower here than alone. It compares two commits with each other, not
 the daemon with the bare handler. An A/A run (the same ref twice) shows the noise floor:
 on this machine within about 3% of 1.0.
+
+`baseline` as a ref runs bench/baseline_server.py (the bare aiohttp handler) from this
+checkout instead of a daemon, so `baseline HEAD` is the floor ratio (daemon / bare) with
+the same co-scheduling. It leans slightly against the daemon: its fixed forwarding work
+takes a larger share of half a core than of a whole one (bench/run_intake.py's figure).
 """
 
 from __future__ import annotations
@@ -37,20 +43,30 @@ from pathlib import Path
 import run_intake as ri
 
 
+BASELINE = "baseline"  # a ref that names the bare handler, not a commit
+
+
 def worktree(ref: str, where: Path) -> Path:
+    if ref == BASELINE:
+        return ri.ROOT
     subprocess.run(["git", "-C", str(ri.ROOT), "worktree", "add", "--detach", "--force",
                     str(where), ref], check=True, capture_output=True)
     return where
 
 
-def start(tree: Path, loop: str, config: Path, port: int, workdir: Path) -> subprocess.Popen:
+def start(tree: Path, loop: str, config: Path | None, port: int,
+          workdir: Path) -> subprocess.Popen:
     env = ri.python_env(loop)
     # The worktree's forwarder package comes first on sys.path: cwd is not the repo, and
     # PYTHONPATH precedes the dev venv's editable install.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
     python = str(ri.ROOT / ".venv" / "bin" / "python")
-    argv = ([python, str(ri.BENCH / "uvloop_serve.py")] if loop == "uvloop"
-            else [python, "-m", "forwarder"]) + ["serve", "--config", str(config)]
+    if config is None:  # the bare handler (BASELINE)
+        argv = [python, str(ri.BENCH / "baseline_server.py"), "--port", str(port)]
+        argv += ["--uvloop"] if loop == "uvloop" else []
+    else:
+        argv = ([python, str(ri.BENCH / "uvloop_serve.py")] if loop == "uvloop"
+                else [python, "-m", "forwarder"]) + ["serve", "--config", str(config)]
     log = workdir / f"daemon-{port}.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([*ri.pin(ri.SERVER_CPU), *argv], cwd=workdir, env=env,
@@ -85,16 +101,20 @@ def main() -> None:
             return ["single", str(offset)]
     with tempfile.TemporaryDirectory(prefix="bench-ab-") as tmp:
         workdir = Path(tmp)
-        trees = {"A": worktree(args.ref_a, workdir / "a"), "B": worktree(args.ref_b, workdir / "b")}
+        refs = {"A": args.ref_a, "B": args.ref_b}
+        trees = {side: worktree(ref, workdir / side.lower()) for side, ref in refs.items()}
         sink_port, sink = ri.start_sink(python, workdir)
         procs: dict[str, subprocess.Popen] = {}
         try:
             ports = {}
             for side, tree in trees.items():
                 ports[side] = port = ri.free_port()
-                config = workdir / f"{side}.toml"
-                ri.daemon_config(config, port, sink_port, workdir / f"state-{side}", 4_000_000,
-                                 ri.FORWARDING_OFF if args.forwarding == "off" else "")
+                config: Path | None = None
+                if refs[side] != BASELINE:
+                    config = workdir / f"{side}.toml"
+                    ri.daemon_config(config, port, sink_port, workdir / f"state-{side}",
+                                     4_000_000,
+                                     ri.FORWARDING_OFF if args.forwarding == "off" else "")
                 loop = args.loop_b if side == "B" and args.loop_b else args.loop
                 procs[side] = start(tree, loop, config, port, workdir)
             ratios, cpu_ratios = [], []
@@ -130,6 +150,8 @@ def main() -> None:
                 ri.stop(pr)
             ri.stop(sink)
             for tree in trees.values():
+                if tree == ri.ROOT:
+                    continue
                 subprocess.run(["git", "-C", str(ri.ROOT), "worktree", "remove", "--force",
                                 str(tree)], check=False, capture_output=True)
     loops = f"{args.loop_b} / {args.loop}" if args.loop_b else args.loop

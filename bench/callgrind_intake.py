@@ -37,6 +37,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -221,6 +222,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--python", default=str(ri.ROOT / ".venv" / "bin" / "python"))
     p.add_argument("--loops", default="asyncio,uvloop")
+    p.add_argument("--kinds", default="baseline,daemon",
+                   help="daemon alone: compare commits or variants of the daemon faster")
+    p.add_argument("--keep-dumps", default="",
+                   help="copy the callgrind dumps here, for callgrind_annotate")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
     loops = [lp for lp in args.loops.split(",") if lp]
@@ -239,11 +244,15 @@ def main() -> None:
             # No forwarding while measured (see the module docstring).
             servers.extra = ri.FORWARDING_OFF
             for loop in loops:
-                for kind in ("baseline", "daemon"):
+                for kind in args.kinds.split(","):
                     t = ri.Target(kind, loop)
                     results[t.label] = measure_target(servers, client, t, args)
         finally:
             ri.stop(sink)
+            if args.keep_dumps:
+                Path(args.keep_dumps).mkdir(parents=True, exist_ok=True)
+                for dump in workdir.glob("callgrind.*"):
+                    shutil.copy(dump, args.keep_dumps)
     commands = dict(servers.commands)
     machine = ri.machine(args.python, uv)
     section = render(results, args, machine, commands)

@@ -183,6 +183,31 @@ class _Counting:
         """The counters, for the app's own metrics."""
         return {"accepted": self.accepted, "dropped": self.dropped, "rejected": self.rejected}
 
+    # -- one call, whichever transport: EventClient and AsyncEventClient differ only in how
+    # they exchange bytes with the daemon (_answer), so the rest of post_event is here.
+
+    def _begin(self, event: Mapping[str, Any]) -> bytes | Reply:
+        """The request body, or the settled Reply when no request is to be made."""
+        body = _encode(event)
+        if isinstance(body, Reply):
+            return self._settle(body)
+        if self._closed:
+            return self._settle(Reply("dropped", error="the client is closed"))
+        return body
+
+    def _end(self, answer: tuple[int, bytes] | BaseException) -> Reply:
+        """The settled Reply for _answer()'s result: the daemon's (status, body), or the
+        error that came instead (nothing answered: dropped)."""
+        if isinstance(answer, BaseException):
+            return self._settle(Reply("dropped", error=_describe(answer)))
+        status, body = answer
+        return self._settle(Reply(_outcome(status), status, body))
+
+    def _unexpected(self) -> Reply:
+        """A bug in this module must not become the app's exception: log it, count a drop."""
+        log.exception("client.unexpected_error target=%s", self._target)
+        return self._settle(Reply("dropped", error="unexpected error in forwarder.client"))
+
     def _settle(self, reply: Reply) -> Reply:
         with self._lock:
             if reply.outcome == "accepted":
@@ -252,19 +277,10 @@ class EventClient(_Counting):
     def post_event(self, event: Mapping[str, Any]) -> Reply:
         """Send an event dict and return the daemon's whole answer (the CLI prints it)."""
         try:
-            body = _encode(event)
-            if isinstance(body, Reply):
-                return self._settle(body)
-            if self._closed:
-                return self._settle(Reply("dropped", error="the client is closed"))
-            try:
-                status, answer = self._exchange(body)
-            except (OSError, http.client.HTTPException) as exc:
-                return self._settle(Reply("dropped", error=_describe(exc)))
-            return self._settle(Reply(_outcome(status), status, answer))
-        except Exception:  # a bug in this module must not become the app's exception
-            log.exception("client.unexpected_error target=%s", self._target)
-            return self._settle(Reply("dropped", error="unexpected error in forwarder.client"))
+            body = self._begin(event)
+            return body if isinstance(body, Reply) else self._end(self._answer(body))
+        except Exception:
+            return self._unexpected()
 
     def close(self) -> None:
         """Close idle connections; later calls count as dropped."""
@@ -281,6 +297,13 @@ class EventClient(_Counting):
         self.close()
 
     # -- transport ------------------------------------------------------------------------
+
+    def _answer(self, body: bytes) -> tuple[int, bytes] | BaseException:
+        """The daemon's (status, body), or the error that came instead of an answer."""
+        try:
+            return self._exchange(body)
+        except (OSError, http.client.HTTPException) as exc:
+            return exc
 
     def _exchange(self, body: bytes) -> tuple[int, bytes]:
         deadline = time.monotonic() + self.timeout_s
@@ -367,20 +390,10 @@ class AsyncEventClient(_Counting):
     async def post_event(self, event: Mapping[str, Any]) -> Reply:
         """Send an event dict and return the daemon's whole answer."""
         try:
-            body = _encode(event)
-            if isinstance(body, Reply):
-                return self._settle(body)
-            if self._closed:
-                return self._settle(Reply("dropped", error="the client is closed"))
-            try:
-                async with asyncio.timeout(self.timeout_s):
-                    status, answer = await self._exchange(body)
-            except (OSError, EOFError, ValueError) as exc:  # TimeoutError is an OSError
-                return self._settle(Reply("dropped", error=_describe(exc)))
-            return self._settle(Reply(_outcome(status), status, answer))
-        except Exception:  # a bug in this module must not become the app's exception
-            log.exception("client.unexpected_error target=%s", self._target)
-            return self._settle(Reply("dropped", error="unexpected error in forwarder.client"))
+            body = self._begin(event)
+            return body if isinstance(body, Reply) else self._end(await self._answer(body))
+        except Exception:
+            return self._unexpected()
 
     async def close(self) -> None:
         """Close idle connections; later calls count as dropped."""
@@ -402,6 +415,14 @@ class AsyncEventClient(_Counting):
         await self.close()
 
     # -- transport ------------------------------------------------------------------------
+
+    async def _answer(self, body: bytes) -> tuple[int, bytes] | BaseException:
+        """The daemon's (status, body), or the error that came instead of an answer."""
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                return await self._exchange(body)
+        except (OSError, EOFError, ValueError) as exc:  # TimeoutError is an OSError
+            return exc
 
     async def _exchange(self, body: bytes) -> tuple[int, bytes]:
         stream = self._take_idle()

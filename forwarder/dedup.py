@@ -25,7 +25,14 @@ Memory layout (the window is meant to hold ~1e6 keys in well under 150 bytes eac
 
 A key that is re-added or forgotten leaves a stale entry in its old generation's array;
 stale entries are recognised (the dict no longer maps them to that generation's float)
-and skipped.
+and skipped. So that memory stays bounded by max_keys whatever the traffic (a 503 storm
+adds and forgets a key per refused event; 2M such cycles used to leave ~16 MB behind),
+each generation counts its stale entries and is compacted (rebuilt from its live
+entries) once they outnumber its live ones by more than _STALE_SLACK: the compaction
+costs one pass over the generation, paid for by the forgets that made it necessary, and
+it pauses the loop for that one generation's keys, not the whole window's. Likewise the
+count bound's cursor: once it has passed half of a generation's array, the passed half
+is cut off, so a small window under heavy traffic does not keep every key it evicted.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from __future__ import annotations
 import struct
 from array import array
 from collections import deque
+from itertools import islice
 
 from forwarder.clock import Clock
 
@@ -40,23 +48,31 @@ GENERATIONS = 64
 
 _first_u64 = struct.Struct("<Q").unpack_from
 
+# Stale entries a generation may hold beyond its live ones before it is compacted. Not 0,
+# so that a generation with few live keys is not rebuilt on every forget(); it bounds the
+# extra memory to GENERATIONS * _STALE_SLACK * 8 bytes (~32 KB) plus one entry per live key.
+_STALE_SLACK = 64
+
 
 class _Generation:
     """Keys added during one slice of time; they all expire together."""
 
-    __slots__ = ("closes_at", "cursor", "expires_at", "keys")
+    __slots__ = ("closes_at", "cursor", "expires_at", "keys", "stale")
 
     def __init__(self, closes_at: float, expires_at: float):
         self.closes_at = closes_at  # adds at monotonic time < closes_at land here
         self.expires_at = expires_at  # closes_at + window: the newest key's full window
         self.keys = array("Q")
         self.cursor = 0  # keys[:cursor] were already evicted by the count bound
+        self.stale = 0  # entries in keys[cursor:] whose key was forgotten or re-added since
 
 
 class DedupWindow:
     """Remembers keys for at least window_seconds, holding at most max_keys (oldest out first).
 
-    contains() and add() are O(1) amortised; expiry of a generation costs one pass over it.
+    contains(), add() and forget() are O(1) amortised; expiry of a generation costs one
+    pass over it. Whatever was forgotten or evicted, the arrays hold at most ~4 entries
+    (32 bytes) per max_keys plus ~32 KB, beside the dict's one entry per live key.
     """
 
     __slots__ = ("_clock", "_gens", "_max_keys", "_where", "_width_s", "_window_s")
@@ -105,6 +121,7 @@ class DedupWindow:
 
     def add(self, key: bytes) -> None:
         """Remember key from now on (re-adding an old key restarts its window)."""
+        self.forget(key)  # a key still remembered: its old entry goes stale, counted there
         self._add(_first_u64(key)[0], self._clock.monotonic())
 
     def _add(self, k: int, now: float) -> None:
@@ -125,7 +142,29 @@ class DedupWindow:
 
     def forget(self, key: bytes) -> None:
         """Drop key, so that the next contains(key) is False. Unknown keys are ignored."""
-        self._where.pop(_first_u64(key)[0], None)
+        expires_at = self._where.pop(_first_u64(key)[0], None)
+        if expires_at is None:
+            return
+        # Its entry stays in its generation's array, stale: count it there, and compact
+        # that generation once stale entries outnumber its live ones.
+        gens = self._gens
+        gen = gens[-1]  # the intake forgets the key it has just added: the newest generation
+        if gen.expires_at is not expires_at:  # a dead letter's key: an older one (<= 65)
+            gen = next(g for g in gens if g.expires_at is expires_at)
+        gen.stale += 1
+        if 2 * gen.stale > len(gen.keys) - gen.cursor + _STALE_SLACK:
+            self._compact(gen)
+
+    def _compact(self, gen: _Generation) -> None:
+        """Rebuild gen's array from its live entries only, in the same order. A key
+        forgotten and re-added within one generation has several entries that all map to
+        it: the first one stays, as the first one is what eviction would have taken."""
+        expires_at = gen.expires_at
+        where_get = self._where.get
+        live = (k for k in islice(gen.keys, gen.cursor, None) if where_get(k) is expires_at)
+        gen.keys = array("Q", dict.fromkeys(live))
+        gen.cursor = 0
+        gen.stale = 0
 
     def __len__(self) -> int:
         """Keys currently remembered (expired generations are dropped first)."""
@@ -158,6 +197,13 @@ class DedupWindow:
                 if where.get(k) is gen.expires_at:
                     del where[k]
                     n -= 1
-            gen.cursor = i
+                else:
+                    gen.stale -= 1
             if i >= end:
                 gens.popleft()
+            elif 2 * i > end:
+                # Cut off the passed half: one memmove of the rest, paid for by the
+                # evictions that passed it, so the array keeps only what they have not.
+                del keys[:i]
+                i = 0
+            gen.cursor = i

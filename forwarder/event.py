@@ -7,7 +7,7 @@ so the queue, the workers, the spool and the dead-letter file all reuse them.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 
 
 class Route(str, enum.Enum):
@@ -26,11 +26,15 @@ class Event:
     attempts: failed sends so far (429s are not counted).
     first_received_at: wall-clock seconds when intake first accepted it.
     due: monotonic time before which a retry must not be sent (0 = now).
+
+    attempts and the two times can only be given by name: first_received_at (wall) and
+    due (monotonic) are both floats, so a positional call that swapped them would run.
     """
 
     body: bytes
     key: bytes
     route: Route = Route.EVENTS
+    _: KW_ONLY
     attempts: int = 0
     first_received_at: float = 0.0
     due: float = 0.0

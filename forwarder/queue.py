@@ -68,8 +68,8 @@ def _pack(e: Event) -> Packed:
 def _unpack(p: Packed) -> Event:
     first_received_at, due, attempts, route, key_len = _HEAD.unpack_from(p)
     body_at = _HEAD_SIZE + key_len
-    return Event(p[body_at:], p[_HEAD_SIZE:body_at], _ROUTES[route], attempts,
-                 first_received_at, due)
+    return Event(body=p[body_at:], key=p[_HEAD_SIZE:body_at], route=_ROUTES[route],
+                 attempts=attempts, first_received_at=first_received_at, due=due)
 
 
 class EventQueue:

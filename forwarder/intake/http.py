@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import enum
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Protocol
 
 import orjson
 import structlog
 from aiohttp import web
-from orjson import JSONDecodeError, loads
 
 from ..clock import Clock
 from ..event import Event
@@ -39,6 +38,7 @@ Validator = Callable[[object, float], Normalised | list[Problem]]
 
 JSON = "application/json"
 RETRY_AFTER_S = "1"
+SHUTTING_DOWN = "the forwarder is shutting down"
 _MAX_UNKNOWN_NAMES_REMEMBERED = 1024
 
 
@@ -46,15 +46,20 @@ class Admission(enum.Enum):
     ACCEPTED = "accepted"
     DUPLICATE = "duplicate"
     QUEUE_FULL = "queue_full"
+    # The queue is closed: the stop has taken (or is about to take) its events for the
+    # spool, so this one could not go with them. Answered 503 like a full queue, but not
+    # counted in events_received, as the 503 before the body is read is not.
+    SHUTTING_DOWN = "shutting_down"
 
 
-# Module-level names: attribute access on an Enum class and hashing a member both run
-# Python code (~80 ns each), which the per-event path does not need.
-_ACCEPTED, _DUPLICATE, _QUEUE_FULL = Admission.ACCEPTED, Admission.DUPLICATE, Admission.QUEUE_FULL
+_COUNTED = (Admission.ACCEPTED, Admission.DUPLICATE, Admission.QUEUE_FULL)
 
 
 class Offerable(Protocol):
     def offer(self, event: Event) -> bool: ...
+
+    @property
+    def closed(self) -> bool: ...
 
 
 class KeyWindow(Protocol):
@@ -101,12 +106,11 @@ class Intake:
         self._readiness = readiness
         self._max_body_bytes = max_body_bytes
         received = metrics.events_received
-        self._count = {a: received.labels(a.value) for a in Admission}
+        self._count = {a: received.labels(a.value) for a in _COUNTED}
         self._count_rejected = received.labels("rejected")
-        self._count_accepted = self._count[Admission.ACCEPTED]
         self._unknown_seen: set[str] = set()
         self._truncation_log = LogThrottle(clock, interval_s=10.0)
-        # (obj, received_at) -> verdict; partial() binds the rest without a Python frame.
+        # (obj, received_at) -> verdict, for this workspace.
         self._validate_event: Validator = functools.partial(validate_event, workspace_id)
 
     def add_routes(self, routes: Routes) -> None:
@@ -119,43 +123,28 @@ class Intake:
 
     # -- routes -------------------------------------------------------------------------
 
-    # Plain functions returning _post_one's coroutine: each request runs in one coroutine.
-    def post_event(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
-        return self._post_one(request, self._validate_event, 202)
+    async def post_event(self, request: web.BaseRequest) -> web.StreamResponse:
+        return await self._post_one(request, self._validate_event, 202)
 
-    def post_summaries(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
+    async def post_summaries(self, request: web.BaseRequest) -> web.StreamResponse:
         # Intercom answers POST /events/summaries 200, and so do we.
-        return self._post_one(request, validate_summaries, 200)
+        return await self._post_one(request, validate_summaries, 200)
 
     async def _post_one(self, request: web.BaseRequest, validate: Validator,
                         ok_status: int) -> web.StreamResponse:
-        # The path every single event takes, so the read and the verdict are written out
-        # here rather than through _read() and a verdict helper (post_batch keeps _read):
-        # ~4,800 fewer instructions per request (bench/callgrind_intake.py).
-        if not self._readiness.accepting:
-            return _unavailable("the forwarder is shutting down")
+        body = await self._read(request)
+        if isinstance(body, web.Response):
+            return body
         try:
-            body = await request.read()  # enforces max_body_bytes, as _read() says
-        except web.HTTPRequestEntityTooLarge:
-            return self._too_large()
-        try:
-            try:
-                obj = loads(body)
-            except JSONDecodeError:
-                obj = parse_json(body)  # for the Problem that says why
-            if obj.__class__ is Problem:
-                self._count_rejected.inc()
-                return _problems([obj])
-            result = validate(obj, self._clock.wall())
-            if result.__class__ is list:
+            result = self._validate(parse_json(body), validate, self._clock.wall())
+            if isinstance(result, list):
                 self._count_rejected.inc()
                 return _problems(result)
             admission = self._admit(result)
-            if admission is _ACCEPTED:
-                self._count_accepted.value += 1
-                return web.Response(status=ok_status)
+            if admission is Admission.SHUTTING_DOWN:
+                return _unavailable(SHUTTING_DOWN)
             self._count[admission].inc()
-            if admission is _QUEUE_FULL:
+            if admission is Admission.QUEUE_FULL:
                 return _unavailable("the forwarder's queue is full; retry later")
             return web.Response(status=ok_status)
         except Exception:  # a bug, never the user's input: answer 500, keep serving
@@ -163,8 +152,6 @@ class Intake:
             return error_response(500, "server_error", "unexpected error in the forwarder")
 
     async def post_batch(self, request: web.BaseRequest) -> web.StreamResponse:
-        if not self._readiness.accepting:
-            return _unavailable("the forwarder is shutting down")
         body = await self._read(request)
         if isinstance(body, web.Response):
             return body
@@ -193,18 +180,36 @@ class Intake:
     # -- verdicts -----------------------------------------------------------------------
 
     async def _read(self, request: web.BaseRequest) -> bytes | web.Response:
-        # read() enforces max_body_bytes (the request's client_max_size, listen.py) with or
-        # without a Content-Length, so no header check of our own.
+        """The body, or the answer that refuses the request: 503 while the forwarder stops,
+        413 over max_body_bytes (read() enforces it, with or without a Content-Length).
+
+        `accepting` is checked again once the body is in: reading it can outlast the start
+        of a stop, and an event admitted after the stop took the queue for the spool would
+        be answered 202 and then lost."""
+        if not self._readiness.accepting:
+            return _unavailable(SHUTTING_DOWN)
         try:
-            return await request.read()
+            body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             return self._too_large()
+        if not self._readiness.accepting:
+            return _unavailable(SHUTTING_DOWN)
+        return body
 
     def _too_large(self) -> web.Response:
         self._count_rejected.inc()
         return error_response(413, "request_too_large",
-                      f"body is larger than intake.max_body_bytes ({self._max_body_bytes})",
-                      field="body")
+                              f"body is larger than intake.max_body_bytes "
+                              f"({self._max_body_bytes})", field="body")
+
+    @staticmethod
+    def _validate(item: object, validate: Validator,
+                  received_at: float) -> Normalised | list[Problem]:
+        """One submitted event checked: a body or NDJSON line that is not JSON arrives
+        here as the Problem that says why."""
+        if isinstance(item, Problem):
+            return [item]
+        return validate(item, received_at)
 
     def _admit(self, normalised: Normalised) -> Admission:
         """Report what validation left out, then dedup, then queue. Counting the outcome
@@ -215,13 +220,13 @@ class Intake:
         event = normalised.event
         key = event.key
         if key and not self._dedup.add_if_absent(key):
-            return _DUPLICATE
+            return Admission.DUPLICATE
         if not self._queue.offer(event):
             # Not taken, so not seen: the client's retry of this event must go through.
             if key:
                 self._dedup.forget(key)
-            return _QUEUE_FULL
-        return _ACCEPTED
+            return Admission.SHUTTING_DOWN if self._queue.closed else Admission.QUEUE_FULL
+        return Admission.ACCEPTED
 
     def _report_dropped(self, normalised: Normalised) -> None:
         dropped = normalised.dropped_metadata_keys
@@ -255,21 +260,15 @@ class Intake:
         not_taken: list[int] = []
         truncated: list[dict[str, object]] = []
         received_at = self._clock.wall()
-        validate, admit = self._validate_event, self._admit
         for index, item in enumerate(items):
-            # The loop every batched event takes: exact class checks, module-level
-            # outcomes and prebound callables keep its per-event overhead down.
-            if item.__class__ is Problem:  # an NDJSON line that is not JSON
-                result: Normalised | list[Problem] = [item]
-            else:
-                result = validate(item, received_at)
-            if result.__class__ is list:
+            result = self._validate(item, self._validate_event, received_at)
+            if isinstance(result, list):
                 rejected.append({"index": index, "errors": [p.as_error() for p in result]})
                 continue
-            admission = admit(result)
-            if admission is _ACCEPTED:
+            admission = self._admit(result)
+            if admission is Admission.ACCEPTED:
                 accepted += 1
-            elif admission is _DUPLICATE:
+            elif admission is Admission.DUPLICATE:
                 duplicates += 1
             else:
                 not_taken.append(index)
@@ -277,11 +276,13 @@ class Intake:
             if result.dropped_metadata_keys:
                 truncated.append({"index": index,
                                   "dropped_metadata_keys": list(result.dropped_metadata_keys)})
+        # One handler call, no await inside: the queue cannot close half-way through.
+        closed = bool(not_taken) and self._queue.closed
         if accepted:
             self._count[Admission.ACCEPTED].inc(accepted)
         if duplicates:
             self._count[Admission.DUPLICATE].inc(duplicates)
-        if not_taken:
+        if not_taken and not closed:
             self._count[Admission.QUEUE_FULL].inc(len(not_taken))
         if rejected:
             self._count_rejected.inc(len(rejected))
@@ -293,9 +294,10 @@ class Intake:
             # The client must resend exactly these; everything else is settled.
             answer["not_taken"] = not_taken
             answer["type"] = "error.list"
+            why = SHUTTING_DOWN if closed else "the forwarder's queue is full"
             answer["errors"] = [{"code": "service_unavailable",
-                                 "message": f"the forwarder's queue is full; {len(not_taken)} "
-                                            "events not taken (see not_taken); retry them later"}]
+                                 "message": f"{why}; {len(not_taken)} events not taken "
+                                            "(see not_taken); retry them later"}]
             return web.Response(status=503, body=orjson.dumps(answer), content_type=JSON,
                                 headers={"Retry-After": RETRY_AFTER_S})
         return web.Response(status=202, body=orjson.dumps(answer), content_type=JSON)

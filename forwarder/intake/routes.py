@@ -2,9 +2,12 @@
 
 Why not aiohttp's web.Application and its router: per request it resolves the URL
 through the router, builds a match-info object, a full Request and the middleware chain.
-Served by web.Server directly, the daemon executes ~6% fewer instructions per single
-event (312k to 294k, bench/callgrind_intake.py, when the switch was made). The intake has
-six fixed paths and no path parameters, so one dict lookup is all the routing it needs.
+Issue 12 (E24) measured the switch on the tree with every other part-E simplification in
+it: 12,400 more instructions per single event with the router (299.6k to 312.0k,
+bench/callgrind_intake.py; 21,000 more again with a middleware for Intercom's error
+shape), and single events at 0.69x the bare aiohttp handler (bench/run_intake.py, 20
+interleaved pairs), under the 0.7x floor. So it stays a dict lookup: the intake has six
+fixed paths and no path parameters. bench/RESULTS.md has the figures and commands.
 
 What the router did that still matters is kept here: 404 for an unknown path, 405 with an
 Allow header for a known path and the wrong method, HEAD served by the GET handler, and

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import stat
 
 import aiohttp
 import orjson
@@ -257,18 +255,6 @@ async def test_health_readiness_and_metrics_routes(client):
     assert status == 200 and headers["Content-Type"].startswith("text/plain")
     assert b'intercom_forwarder_events_received_total{outcome="accepted"} 1.0' in body
     assert b'intercom_forwarder_events_received_total{outcome="rejected"} 1.0' in body
-
-
-async def test_unix_socket_is_group_accessible_and_a_stale_file_is_replaced(tmp_path,
-                                                                            make_service):
-    sock = tmp_path / "intake.sock"
-    import socket as _socket
-    stale = _socket.socket(_socket.AF_UNIX)
-    stale.bind(str(sock))
-    stale.close()  # the file stays behind, as after a crash
-    svc = await make_service()
-    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o660
-    assert (await Client(svc, "unix").post("/events", EVENT))[0] == 202
 
 
 async def test_full_queue_answers_503_with_retry_after_and_loses_nothing(make_service,

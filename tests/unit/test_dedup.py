@@ -164,3 +164,119 @@ def test_a_full_window_is_invisible_to_the_cycle_collector(clock):
     big_tracked_dicts = [o for o in gc.get_objects() if isinstance(o, dict) and len(o) >= 5_000]
     assert big_tracked_dicts == []
     assert window.contains(key(4_999))
+
+
+
+def memory_of(window: DedupWindow, clock: FakeClock) -> int:
+    """Bytes of every object the window holds (sys.getsizeof over what gc says it
+    references, each object once), the injected clock left out."""
+    import gc
+    import sys
+
+    seen = {id(clock)}
+    todo: list[object] = [window]
+    total = 0
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen or isinstance(obj, type):
+            continue
+        seen.add(id(obj))
+        total += sys.getsizeof(obj)
+        todo.extend(gc.get_referents(obj))
+    return total
+
+
+def full_window_bytes(max_keys: int) -> int:
+    """What a window holding max_keys keys takes: the memory max_keys stands for."""
+    clock = FakeClock()
+    window = DedupWindow(window_seconds=3600, max_keys=max_keys, clock=clock)
+    for n in range(max_keys):
+        window.add_if_absent(key(-1 - n))
+    return memory_of(window, clock)
+
+
+def test_a_503_storm_does_not_grow_the_windows_memory(clock):
+    """Every event the queue refuses is added, then forgotten (the intake's 503 path).
+
+    Steps: 500 keys accepted; then 200,000 refused events (add_if_absent, forget), the
+    clock moving through several generations. Expected: the window takes less memory
+    than a full window of max_keys (it used to keep 8 bytes per refused event: 1.6 MB
+    more here, ~16 MB after 2M), and still remembers exactly the 500 accepted keys.
+    """
+    window = DedupWindow(window_seconds=3600, max_keys=1000, clock=clock)
+    accepted = [key(n) for n in range(500)]
+    for k in accepted:
+        window.add_if_absent(k)
+    refused = [key(n) for n in range(500, 10_500)]
+    for i in range(200_000):
+        k = refused[i % len(refused)]
+        assert window.add_if_absent(k)
+        window.forget(k)
+        if i % 1000 == 0:
+            clock.advance(1.0)  # 200 s: four 56 s generations
+
+    assert memory_of(window, clock) < full_window_bytes(1000)
+    assert len(window) == 500
+    assert all(window.contains(k) for k in accepted)
+
+
+def test_a_full_window_under_heavy_traffic_keeps_only_about_max_keys(clock):
+    """The count bound evicts the oldest keys; memory must follow it down.
+
+    Steps: a window of 1,000 keys takes 200,000 new keys within one generation.
+    Expected: it takes less than twice the memory of a freshly filled window (a dict
+    that has seen many deletions keeps a larger table); it used to keep 8 bytes per key
+    it had evicted until the generation expired: 1.6 MB more here.
+    """
+    window = DedupWindow(window_seconds=3600, max_keys=1000, clock=clock)
+    keys = [key(n) for n in range(200_000)]
+    for k in keys:
+        assert window.add_if_absent(k)
+
+    assert memory_of(window, clock) < 2 * full_window_bytes(1000)
+    assert len(window) == 1000
+    assert all(window.contains(k) for k in keys[-1000:])
+
+
+def test_after_a_storm_of_forgets_the_count_bound_still_evicts_oldest_first(clock):
+    """Reclaiming forgotten keys' room must not change which keys are remembered."""
+    window = DedupWindow(window_seconds=3600, max_keys=100, clock=clock)
+    for n in range(50):
+        window.add(key(n))
+    for n in range(1000, 11_000):  # refused events, in the same generation
+        window.add_if_absent(key(n))
+        window.forget(key(n))
+    for n in range(50, 150):
+        window.add(key(n))
+    assert [window.contains(key(n)) for n in range(150)] == [False] * 50 + [True] * 100
+    assert not any(window.contains(key(n)) for n in range(1000, 11_000))
+
+
+def test_forgetting_most_keys_of_an_older_generation_keeps_the_rest_until_it_expires(clock):
+    """Dead letters forget keys of older generations; the keys left there must stay
+    remembered for their whole window, then expire with their generation."""
+    window = DedupWindow(window_seconds=64, max_keys=1000, clock=clock)
+    for n in range(200):
+        window.add(key(n))
+    clock.advance(10)
+    window.add(key(500))
+    for n in range(150):
+        window.forget(key(n))
+    assert [window.contains(key(n)) for n in range(200)] == [False] * 150 + [True] * 50
+    assert len(window) == 51
+    clock.advance(64 - 10 + 1)  # the first generation's window (and one more slice) is over
+    assert not any(window.contains(key(n)) for n in range(200))
+    assert window.contains(key(500))
+    assert len(window) == 1
+
+
+def test_re_adding_a_remembered_key_again_and_again_holds_no_more_memory(clock):
+    """add() of a key still remembered (the spool reload) restarts its window; doing so
+    100,000 times must neither count it twice nor hold memory for every re-add."""
+    window = DedupWindow(window_seconds=3600, max_keys=1000, clock=clock)
+    for _ in range(100_000):
+        window.add(key(1))
+    assert memory_of(window, clock) < full_window_bytes(10)
+    assert len(window) == 1
+    window.add(key(2))
+    assert window.contains(key(1)) and window.contains(key(2))

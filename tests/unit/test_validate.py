@@ -1,6 +1,8 @@
 """validate.py: one parametrized row per documented rule, ids named after the rule.
 
-Rules come from /work/shared/intercom-docs (see docs/validation.md for the page of each).
+Rules come from Intercom's Data Events documentation; docs/validation.md names the page
+of each (for example "Submit a data event",
+https://developers.intercom.com/docs/references/rest-api/api.intercom.io/data-events/createdataevent).
 """
 
 from __future__ import annotations
@@ -570,15 +572,37 @@ def test_key_parts_cannot_run_into_each_other(a: tuple, b: tuple) -> None:
     assert event_key(*a) != event_key(*b)
 
 
-@pytest.mark.parametrize("identity", [{"user_id": "u-1"}, {"email": "a@b.c"}, {"id": "6f1"}])
+@pytest.mark.parametrize(
+    "identity",
+    [{"user_id": "u-1"}, {"email": "a@b.c"}, {"id": "6f1"}],
+    ids=["user_id", "email", "id"],
+)
 @pytest.mark.parametrize("workspace_id", [WS, "another-workspace"])
-def test_validate_keys_events_exactly_as_event_key_does(identity: dict,
-                                                        workspace_id: str) -> None:
-    """validate_event writes event_key out inline (hot path): they must never drift."""
+def test_key_is_intercoms_composite_key_for_each_identity_kind(
+    identity: dict, workspace_id: str
+) -> None:
+    """Submit a data event, "Event de-duplication": the workspace, the contact external
+    id, the event name and the created time, and nothing else, decide the key."""
     ((kind, value),) = identity.items()
-    obj = {"event_name": "Signed.Up", "created_at": 1700000000, **identity}
-    assert key_of(obj, workspace_id) == event_key(workspace_id, kind, value, "signed-up",
-                                                  1700000000)
+    sent = {"event_name": "Signed.Up", "created_at": 1700000000, **identity}
+    key = key_of(sent, workspace_id)
+    assert key == event_key(workspace_id, kind, value, "signed-up", 1700000000)
+    assert key_of({**sent, "event_name": "signed-up", "metadata": {"plan": "pro"}},
+                  workspace_id) == key
+    for other in (
+        {**sent, kind: value + "2"},
+        {**sent, "event_name": "signed-in"},
+        {**sent, "created_at": 1700000001},
+    ):
+        assert key_of(other, workspace_id) != key
+    assert key_of(sent, workspace_id + "2") != key
+
+
+def test_a_key_is_the_same_digest_in_every_version() -> None:
+    """Keys are written to the spool and re-added to the dedup window at start: an
+    upgrade that changed them would forward a resent spooled event a second time."""
+    key = event_key("ws-1", "user_id", "314159", "placed-order", 1389913941)
+    assert key.hex() == "936db86c267e4aee6e4f6e04b8da0c8a"
 
 
 def test_key_is_a_16_byte_digest() -> None:
