@@ -98,6 +98,8 @@ class _Batch:
 class DiskQueue:
     """Every accepted event stays in the log until settled; memory holds a bounded window."""
 
+    durable = True  # the intake awaits commit() before answering
+
     def __init__(self, path: Path, clock: Clock, *, disk_sync: str = "normal",
                  max_bytes: int = 1 << 30, window_events: int = 2048,
                  max_pending_events: int = 20_000, key_window_s: float | None = None,

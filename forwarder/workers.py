@@ -51,6 +51,8 @@ class EventSource(Protocol):
 
     def requeue_front(self, event: Event) -> None: ...
 
+    def settle(self, event: Event) -> None: ...
+
     @property
     def ready(self) -> int: ...
 
@@ -244,6 +246,9 @@ class Workers:
                 log.error("deadletter.write_failed", reason=UNKNOWN_OUTCOME, error=repr(exc))
                 self._queue.requeue_front(event)
                 continue
+            # In the dead-letter file now: a disk queue deletes its copy, so a restart
+            # does not send it again.
+            self._queue.settle(event)
             self._metrics.events_forwarded.labels("dead_lettered", UNKNOWN_OUTCOME).inc()
             log.warning("upstream.dead_lettered", reason=UNKNOWN_OUTCOME, status=None,
                         attempts=event.attempts, route=event.route.value)
@@ -326,6 +331,9 @@ class Workers:
         try:
             self._record_request(verdict)
             if outcome is Outcome.DELIVERED:
+                # A disk queue deletes the event with its next commit: a restart after
+                # that never resends it.
+                self._queue.settle(event)
                 self._m_delivered.inc()
             elif outcome is Outcome.RATE_LIMITED:
                 self._rate_limited(event, verdict)
@@ -395,6 +403,7 @@ class Workers:
 
     def _dead_lettered(self, event: Event, verdict: Verdict, reason: str) -> None:
         try:  # the event is in the file now: a failure below must not put it back
+            self._queue.settle(event)
             self._metrics.events_forwarded.labels("dead_lettered", reason).inc()
             if self._on_dead_letter is not None:
                 self._on_dead_letter(event)
