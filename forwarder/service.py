@@ -83,7 +83,10 @@ class Service:
             # keeps the dedup keys for the window, so they survive a restart too.
             self.queue = DiskQueue(state_dir / "queue.db", self.clock, disk_sync=qc.disk_sync,
                                    max_bytes=qc.max_disk_bytes,
-                                   key_window_s=config.dedup.window_seconds)
+                                   key_window_s=config.dedup.window_seconds,
+                                   on_commit=self.metrics.observe_commit)
+            self.metrics.bind_disk(lambda: self.queue.bytes_on_disk,
+                                   lambda: self.queue.events_on_disk)
         else:
             self.queue = EventQueue(qc.max_events, self.clock)
         self._dedup_file = state_dir / "dedup.keys"  # memory mode's window across a restart
@@ -140,6 +143,10 @@ class Service:
             return "starting"
         if not self._accepting:
             return "shutting_down"
+        if self.queue.unavailable_reason is not None:
+            # The last commit failed (a full or failing disk): requests get 503 until one
+            # succeeds, so a load balancer should send them elsewhere meanwhile.
+            return "disk_unavailable"
         if self.workers.paused:
             return "paused_auth"
         return None
@@ -162,6 +169,8 @@ class Service:
         if isinstance(self.queue, DiskQueue):
             await self.queue.start()
             self._queue_started = True
+            if self.queue.damage is not None:  # disklog.py logged what it moved aside
+                self.metrics.queue_damaged_logs.inc()
             await self._restore_spool_into_disk_queue()
             await self._reload_keys_from_disk_queue()
         else:
