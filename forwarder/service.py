@@ -176,6 +176,11 @@ class Service:
         else:
             self._reload_dedup_file()  # oldest keys first (DedupWindow.add_aged)
             self._reload_spool()
+            db = Path(self.config.storage.state_dir) / "queue.db"
+            if db.exists():
+                # A disk-mode run's log may hold accepted events that this mode never
+                # reads: say so, rather than leave them unmentioned until disk mode is back.
+                log.warning("queue.disk_log_ignored", path=str(db), queue_type="memory")
         await self.upstream.start()
         self.workers.on_crash = self._on_worker_crash
         await self.workers.start()
