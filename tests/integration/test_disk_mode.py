@@ -346,3 +346,101 @@ async def test_a_memory_mode_spool_is_committed_into_the_disk_queue_then_removed
         if daemon is not None:
             await daemon.kill()
         await fake.stop()
+
+
+async def test_a_torn_log_at_start_does_not_stop_the_daemon_and_what_is_readable_is_sent(
+        tmp_path):
+    """Steps: 1,000 events wait in queue.db (Intercom refuses the token); clean stop; the
+    file loses its second half (a torn copy, a disk fault); restart with a good token.
+    Expect: the daemon comes up (no crash loop), logs disklog.damaged, counts it in
+    intercom_forwarder_queue_damaged_logs_total, keeps the damaged file aside, and
+    delivers the events it could read (at least a quarter; none that was not posted)."""
+    fake = FakeIntercom(token="another-token")
+    await fake.start()
+    daemon = None
+    state = tmp_path / "state"
+    try:
+        daemon = await start(tmp_path, fake.url, "first", **disk_env())
+        names = [f"tt{i}-" + "y" * 300 for i in range(1000)]
+        async with aiohttp.ClientSession() as s, s.post(
+                daemon.url + "/events/batch",
+                data=orjson.dumps([event(x) for x in names])) as r:
+            assert (await r.json())["accepted"] == 1000
+        assert await daemon.terminate() == 0
+        db = state / "queue.db"
+        with open(db, "r+b") as f:
+            f.truncate(db.stat().st_size // 2)
+
+        fake.token = TOKEN
+        daemon = await start(tmp_path, fake.url, "second", **disk_env())
+        damaged = await daemon.wait_for_log("disklog.damaged")
+        await daemon.wait_for(lambda: len(fake.delivered) > 250, "the readable part delivered")
+        assert delivered_ids(fake) <= set(names)
+        async with aiohttp.ClientSession() as s, s.get(daemon.url + "/metrics") as r:
+            assert "intercom_forwarder_queue_damaged_logs_total 1.0" in await r.text()
+        aside = [p.name for p in state.iterdir() if p.name.startswith("queue.db.")
+                 and p.name not in ("queue.db-wal", "queue.db-shm")]
+        assert aside and damaged
+    finally:
+        if daemon is not None:
+            await daemon.kill()
+        await fake.stop()
+
+
+async def test_a_disk_that_refuses_writes_gives_503_and_not_ready_until_it_takes_them_again(
+        tmp_path):
+    """Steps: the daemon runs under a real file-size limit (soft RLIMIT_FSIZE 3 MB, via
+    prlimit; writes past it fail with EFBIG as on a full disk), far below max_disk_bytes,
+    with Intercom unreachable; post batches until one is refused; then lift the limit of
+    the running process and post again.
+    Expect: the refused batch is 503 with Retry-After, not_taken listing its events and a
+    message naming the disk; /readyz is 503 "disk_unavailable" meanwhile; once the disk
+    takes writes again a batch is 202 and /readyz no longer names the disk. Every event
+    answered 202 is delivered by a restart."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    daemon = await spawn(tmp_path, upstream=dead, state_dir=tmp_path / "state", name="limited",
+                         wrapper=["prlimit", f"--fsize={3 << 20}:unlimited"], **disk_env())
+    acked: set[str] = set()
+    try:
+        await daemon.wait_serving()
+        async with aiohttp.ClientSession() as s:
+            refused = None
+            for n in range(100):  # ~5 MB of log: past the 3 MB limit
+                names = [f"f{n}-{i}-" + "z" * 300 for i in range(100)]
+                body = orjson.dumps([event(x) for x in names])
+                async with s.post(daemon.url + "/events/batch", data=body) as r:
+                    answer = await r.json()
+                    if r.status == 503:
+                        refused = (r.headers.get("Retry-After"), answer)
+                        break
+                    assert r.status == 202
+                    acked.update(names)
+            assert refused is not None, "the file-size limit never refused a commit"
+            retry_after, answer = refused
+            assert retry_after == "1" and answer["not_taken"] == list(range(100))
+            assert "could not store the event on disk" in answer["errors"][0]["message"]
+            async with s.get(daemon.url + "/readyz") as r:
+                assert (r.status, (await r.json())["reason"]) == (503, "disk_unavailable")
+
+            proc = await asyncio.create_subprocess_exec(
+                "prlimit", "--pid", str(daemon.pid), "--fsize=unlimited:unlimited")
+            assert await proc.wait() == 0
+            names = [f"after-{i}" for i in range(10)]
+            async with s.post(daemon.url + "/events/batch",
+                              data=orjson.dumps([event(x) for x in names])) as r:
+                assert r.status == 202, await r.text()
+                acked.update(names)
+            async with s.get(daemon.url + "/readyz") as r:
+                assert (await r.json()).get("reason") != "disk_unavailable"
+    finally:
+        await daemon.kill()
+
+    fake = FakeIntercom(token=TOKEN)
+    await fake.start()
+    try:
+        daemon = await start(tmp_path, fake.url, "second", **disk_env())
+        await daemon.wait_for(lambda: acked <= delivered_ids(fake), "every 202 delivered",
+                              timeout=25)
+    finally:
+        await daemon.kill()
+        await fake.stop()
