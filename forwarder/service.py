@@ -172,7 +172,6 @@ class Service:
             if self.queue.damage is not None:  # disklog.py logged what it moved aside
                 self.metrics.queue_damaged_logs.inc()
             await self._restore_spool_into_disk_queue()
-            await self._reload_keys_from_disk_queue()
         else:
             self._reload_dedup_file()  # oldest keys first (DedupWindow.add_aged)
             self._reload_spool()
@@ -184,6 +183,11 @@ class Service:
         await self.upstream.start()
         self.workers.on_crash = self._on_worker_crash
         await self.workers.start()
+        if isinstance(self.queue, DiskQueue):
+            # After the workers start, so a large backlog is being sent while a full
+            # window (1e6 keys: ~2 s, DedupWindow.add_aged) loads; before the intake
+            # opens, so no retry arrives before its key is back.
+            await self._reload_keys_from_disk_queue()
         self.spool.remove()  # its events are queued now; the next stop writes a new one
         self._accepting = True
         await self.listener.start()

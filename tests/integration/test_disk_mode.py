@@ -86,8 +86,8 @@ async def test_kill_9_under_concurrent_singles_and_batches_loses_no_acknowledged
     and batches from two more, faster than it forwards; SIGKILL while they post; restart
     on the same state dir.
     Expect: every event answered 202 is delivered after the restart; nothing delivered
-    before the kill is sent again, except at most the sends on the wire at the kill
-    (WORKERS) and those whose delete had not committed yet.
+    before the kill is sent again, except at most one per worker (on the wire, or
+    delivered with its delete not yet committed: workers wait for that commit).
     Checked that it can fail: with FORWARDER_QUEUE__TYPE=memory the same test loses
     thousands of acknowledged events (the assertion on `lost` fails)."""
     fake = FakeIntercom(token=TOKEN)
@@ -113,7 +113,7 @@ async def test_kill_9_under_concurrent_singles_and_batches_loses_no_acknowledged
                               "every acknowledged event delivered", timeout=20)
         lost = acked - delivered_ids(fake)
         assert not lost
-        assert fake.duplicates <= 2 * WORKERS, (fake.duplicates, before_kill)
+        assert fake.duplicates <= WORKERS, (fake.duplicates, before_kill)
     finally:
         if daemon is not None:
             await daemon.kill()
@@ -287,7 +287,9 @@ async def test_kill_9_during_the_drain_loses_nothing(tmp_path):
     """Steps: a disk-mode daemon forwarding at 50 events/s holds a backlog of 200; SIGTERM
     (drain_seconds 5); SIGKILL once the drain has begun, as an orchestrator's grace period
     ending does; restart.
-    Expect: all 200 delivered; at most the sends on the wire at the kill sent twice."""
+    Expect: all 200 delivered; at most one per worker sent twice (on the wire at the
+    kill, or delivered with its delete not yet committed). Checked that it can fail:
+    before workers waited for the delete's commit, 2 runs in 5 resent 26-40 events."""
     fake = FakeIntercom(token=TOKEN)
     await fake.start()
     daemon = None
@@ -307,7 +309,7 @@ async def test_kill_9_during_the_drain_loses_nothing(tmp_path):
         daemon = await start(tmp_path, fake.url, "second", **disk_env())
         await daemon.wait_for(lambda: len(fake.delivered) == 200, "200 delivered")
         assert delivered_ids(fake) == {f"t{i}" for i in range(200)}
-        assert fake.duplicates <= 2 * WORKERS
+        assert fake.duplicates <= WORKERS
     finally:
         if daemon is not None:
             await daemon.kill()
