@@ -93,7 +93,13 @@ class RateLimitConfig:
 
 @dataclass(frozen=True, slots=True)
 class QueueConfig:
-    max_events: int = 100_000
+    max_events: int = 100_000  # memory mode's bound; disk mode is bounded by max_disk_bytes
+    # "memory": today's queue, spooled at a clean stop only. "disk": every event answered
+    # 202 is committed to state_dir/queue.db first, so it survives kill -9 (issue 13).
+    type: str = "memory"
+    # Disk mode: "normal" survives the process's death, "full" also a power loss (fsync).
+    disk_sync: str = "normal"
+    max_disk_bytes: int = 1 << 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +197,10 @@ _RULES: dict[str, tuple[Callable[[typing.Any], bool], str]] = {
     "rate_limit.requests": _AT_LEAST_1,
     "rate_limit.per_seconds": _ABOVE_ZERO,
     "queue.max_events": _AT_LEAST_1,
+    "queue.type": _one_of("memory", "disk"),
+    "queue.disk_sync": _one_of("normal", "full"),
+    # Below a megabyte the log's own pages (schema, dedup index) leave no room for events.
+    "queue.max_disk_bytes": ((lambda v: v >= 1 << 20), "must be at least 1048576 (1 MiB)"),
     "dedup.window_seconds": _ABOVE_ZERO,
     "dedup.max_keys": _AT_LEAST_1,
     "retry.max_attempts": _AT_LEAST_1,

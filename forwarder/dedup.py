@@ -40,13 +40,15 @@ from __future__ import annotations
 import struct
 from array import array
 from collections import deque
+from collections.abc import Iterator
 from itertools import islice
 
 from forwarder.clock import Clock
 
 GENERATIONS = 64
 
-_first_u64 = struct.Struct("<Q").unpack_from
+_U64 = struct.Struct("<Q")
+_first_u64 = _U64.unpack_from
 
 # Stale entries a generation may hold beyond its live ones before it is compacted. Not 0,
 # so that a generation with few live keys is not rebuilt on every forget(); it bounds the
@@ -139,6 +141,50 @@ class DedupWindow:
         where[k] = gen.expires_at
         if len(where) > self._max_keys:
             self._evict_oldest(len(where) - self._max_keys)
+
+    def add_aged(self, key: bytes, age_s: float) -> None:
+        """Remember key as if it had been added age_s ago, so it is forgotten
+        window_seconds after that (a restart reloading the window from the disk queue or
+        dedup.keys). Give keys oldest first: a key older than the newest generation joins
+        that generation, so it is remembered a little longer, never shorter. A key whose
+        window has passed is ignored."""
+        now = self._clock.monotonic()
+        added = now - max(0.0, age_s)
+        if added + self._window_s <= now:
+            return
+        self.forget(key)
+        gens = self._gens
+        if gens and gens[0].expires_at <= now:
+            self._expire(now)
+        if gens and added < gens[-1].closes_at:
+            gen = gens[-1]
+        else:
+            closes_at = added + self._width_s
+            gen = _Generation(closes_at, closes_at + self._window_s)
+            gens.append(gen)
+        k = _first_u64(key)[0]
+        gen.keys.append(k)
+        where = self._where
+        where[k] = gen.expires_at
+        if len(where) > self._max_keys:
+            self._evict_oldest(len(where) - self._max_keys)
+
+    def items(self) -> Iterator[tuple[bytes, float]]:
+        """(key, age_s) of every remembered key, oldest first, for writing the window at
+        stop. The key is the 8-byte digest prefix the window keeps (all that contains()
+        compares); the age is its generation's, so at most window/GENERATIONS younger
+        than the truth: reloaded, a key is remembered a little longer, never shorter."""
+        now = self._clock.monotonic()
+        pack = _U64.pack
+        where = self._where
+        for gen in list(self._gens):
+            if gen.expires_at <= now:
+                continue
+            age = max(0.0, now - (gen.expires_at - self._window_s))
+            expires_at = gen.expires_at
+            for k in gen.keys[gen.cursor:]:
+                if where.get(k) is expires_at:
+                    yield pack(k), age
 
     def forget(self, key: bytes) -> None:
         """Drop key, so that the next contains(key) is False. Unknown keys are ignored."""

@@ -38,3 +38,4 @@ class Event:
     attempts: int = 0
     first_received_at: float = 0.0
     due: float = 0.0
+    log_id: int = 0  # its row in the disk queue's log (disklog.py); 0 = in no log

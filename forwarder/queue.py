@@ -75,6 +75,11 @@ def _unpack(p: Packed) -> Event:
 class EventQueue:
     """Holds at most max_events; offer() never waits."""
 
+    # The intake awaits commit() only for a durable queue (DiskQueue): memory mode's hot
+    # path keeps its no-await handlers and today's speed.
+    durable = False
+    unavailable_reason: str | None = None
+
     def __init__(self, max_events: int, clock: Clock):
         if max_events <= 0:
             raise ValueError("max_events must be positive")
@@ -116,6 +121,18 @@ class EventQueue:
         everything for the spool, so nothing offered afterwards can miss the spool.
         Retries, requeues and take() still work: events already accepted stay in."""
         self._closed = True
+
+    # DiskQueue's additions, as no-ops: the intake and the workers use one interface and
+    # never know which queue they have (issue 13).
+
+    async def commit(self) -> None:
+        """Nothing to make durable: an offered event is in memory already."""
+
+    def settle(self, event: Event) -> None:
+        """A delivered or dead-lettered event has left the queue already."""
+
+    def forget_key(self, event: Event) -> None:
+        """Keys live in the DedupWindow only, which the service forgets itself."""
 
     def offer(self, event: Event) -> bool:
         """Queue a newly accepted event; False (and nothing queued) when full or closed."""

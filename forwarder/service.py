@@ -28,6 +28,8 @@ from .clock import Clock, SystemClock
 from .config import Config, ConfigError, IntercomConfig, reread_token
 from .deadletter import DeadLetterFile
 from .dedup import DedupWindow
+from .dedupfile import read_keys, write_keys
+from .diskqueue import DiskQueue
 from .intake.http import Intake
 from .intake.listen import Listener
 from .intake.proxy import EventsProxy
@@ -74,7 +76,21 @@ class Service:
         state_dir = Path(config.storage.state_dir)
         self._state_lock = StateDirLock(state_dir)  # one daemon per state dir (issue 12 B9)
         self.metrics = Metrics()
-        self.queue = EventQueue(config.queue.max_events, self.clock)
+        qc = config.queue
+        self.queue: EventQueue | DiskQueue
+        if qc.type == "disk":
+            # Every accepted event is committed here before its 202 (issue 13); the log
+            # keeps the dedup keys for the window, so they survive a restart too.
+            self.queue = DiskQueue(state_dir / "queue.db", self.clock, disk_sync=qc.disk_sync,
+                                   max_bytes=qc.max_disk_bytes,
+                                   key_window_s=config.dedup.window_seconds,
+                                   on_commit=self.metrics.observe_commit)
+            self.metrics.bind_disk(lambda: self.queue.bytes_on_disk,
+                                   lambda: self.queue.events_on_disk)
+        else:
+            self.queue = EventQueue(qc.max_events, self.clock)
+        self._dedup_file = state_dir / "dedup.keys"  # memory mode's window across a restart
+        self._queue_started = False
         self.dedup = DedupWindow(config.dedup.window_seconds, config.dedup.max_keys, self.clock)
         self.gate = RateGate(config.rate_limit.requests, config.rate_limit.per_seconds, self.clock)
         self.upstream = UpstreamClient(config.intercom, config.intercom.access_token,
@@ -127,6 +143,10 @@ class Service:
             return "starting"
         if not self._accepting:
             return "shutting_down"
+        if self.queue.unavailable_reason is not None:
+            # The last commit failed (a full or failing disk): requests get 503 until one
+            # succeeds, so a load balancer should send them elsewhere meanwhile.
+            return "disk_unavailable"
         if self.workers.paused:
             return "paused_auth"
         return None
@@ -146,10 +166,28 @@ class Service:
                               "no Intercom access token: set INTERCOM_ACCESS_TOKEN, "
                               "intercom.access_token_file or intercom.access_token")
         Path(self.config.storage.state_dir).mkdir(parents=True, exist_ok=True)
-        self._reload_spool()
+        if isinstance(self.queue, DiskQueue):
+            await self.queue.start()
+            self._queue_started = True
+            if self.queue.damage is not None:  # disklog.py logged what it moved aside
+                self.metrics.queue_damaged_logs.inc()
+            await self._restore_spool_into_disk_queue()
+        else:
+            self._reload_dedup_file()  # oldest keys first (DedupWindow.add_aged)
+            self._reload_spool()
+            db = Path(self.config.storage.state_dir) / "queue.db"
+            if db.exists():
+                # A disk-mode run's log may hold accepted events that this mode never
+                # reads: say so, rather than leave them unmentioned until disk mode is back.
+                log.warning("queue.disk_log_ignored", path=str(db), queue_type="memory")
         await self.upstream.start()
         self.workers.on_crash = self._on_worker_crash
         await self.workers.start()
+        if isinstance(self.queue, DiskQueue):
+            # After the workers start, so a large backlog is being sent while a full
+            # window (1e6 keys: ~2 s, DedupWindow.add_aged) loads; before the intake
+            # opens, so no retry arrives before its key is back.
+            await self._reload_keys_from_disk_queue()
         self.spool.remove()  # its events are queued now; the next stop writes a new one
         self._accepting = True
         await self.listener.start()
@@ -205,6 +243,12 @@ class Service:
         if self._started:
             drained = await self.workers.drain(drain_s, self._force)
         await self.workers.stop(grace_s=grace_s)
+        if self._queue_started:
+            # Settles, retry times and forgotten keys still staged go in one last commit.
+            try:
+                await self.queue.stop()
+            except Exception as exc:
+                log.error("service.stop_step_failed", step="queue.stop", error=repr(exc))
         for task in self._tasks:
             task.cancel()
         await _reap(self._tasks)
@@ -217,6 +261,7 @@ class Service:
         written = 0
         if self._spool_loaded and not self._spooled:
             written = self._write_spool()
+            self._write_dedup_file()
             self._spooled = True  # a repeated stop must not replace it with an empty one
         # 4. Connections and files last.
         await self._stop_step("intake.close", self.listener.close)
@@ -353,9 +398,64 @@ class Service:
 
     def _forget_key(self, event) -> None:
         # A dead-lettered event never reached Intercom's store, so replaying it after the
-        # contact is fixed must not be taken for a duplicate.
+        # contact is fixed must not be taken for a duplicate (nor after a restart: the
+        # disk queue's copy of the key goes too).
         if event.key:
             self.dedup.forget(event.key)
+            self.queue.forget_key(event)
+
+    async def _restore_spool_into_disk_queue(self) -> None:
+        """Disk mode writes no spool, but one left by an earlier memory-mode run holds
+        accepted events: commit them to the log, and only then remove the spool (a failed
+        commit raises and keeps it for the next start)."""
+        events = self.spool.load()
+        if events:
+            self.queue.restore(events)
+            await self.queue.commit()
+            log.info("spool.loaded", events=len(events), into="disk_queue")
+        self.spool.remove()
+        self._spool_loaded = True  # the stop may replace it now (disk mode: removes it)
+        self.metrics.spool_loaded.set(len(events))
+        # A memory-mode run's window is in the log from now on only if we add it there;
+        # its keys are simply reloaded into memory.
+        self._reload_dedup_file()
+
+    async def _reload_keys_from_disk_queue(self) -> None:
+        """The dedup window as it was at the kill: the log keeps every accepted key with
+        its wall-clock time, so a client's retry after a restart is still a duplicate."""
+        assert isinstance(self.queue, DiskQueue)
+        window = self.config.dedup.window_seconds
+        now = self.clock.wall()
+        count = 0
+        async for chunk in self.queue.load_keys(since_wall=now - window):
+            for key, added_at in chunk:
+                self.dedup.add_aged(key, now - added_at)
+            count += len(chunk)
+        if count:
+            log.info("dedup.loaded", keys=count, source="disk_queue")
+
+    def _reload_dedup_file(self) -> None:
+        """Memory mode's window, written at the last clean stop (dedupfile.py)."""
+        now = self.clock.wall()
+        pairs = read_keys(self._dedup_file)
+        for key, added_at in pairs:
+            self.dedup.add_aged(key, now - added_at)
+        if pairs:
+            log.info("dedup.loaded", keys=len(pairs), source=str(self._dedup_file))
+        # Its keys are in memory now; the next stop writes the window again. Left behind,
+        # a later run after a kill -9 would reload keys whose events that run never saw.
+        self._dedup_file.unlink(missing_ok=True)
+
+    def _write_dedup_file(self) -> None:
+        if self._queue_started:
+            return  # disk mode: the keys are in the log already
+        try:
+            written = write_keys(self._dedup_file, self.dedup.items(), self.clock.wall())
+        except OSError as exc:
+            # Only dedup is lost: retries after the restart are forwarded once more.
+            log.error("dedup.write_failed", path=str(self._dedup_file), error=repr(exc))
+            return
+        log.info("dedup.written", keys=written)
 
     def _on_worker_crash(self, exc: BaseException) -> None:
         self.exit_code = 1

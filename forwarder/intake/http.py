@@ -18,6 +18,7 @@ import structlog
 from aiohttp import web
 
 from ..clock import Clock
+from ..diskqueue import QueueUnavailable
 from ..event import Event
 from ..logs import LogThrottle
 from ..metrics import Metrics
@@ -56,7 +57,14 @@ _COUNTED = (Admission.ACCEPTED, Admission.DUPLICATE, Admission.QUEUE_FULL)
 
 
 class Offerable(Protocol):
+    # True for a queue whose commit() makes offers survive a kill -9 (DiskQueue): the
+    # answer waits for it. False (EventQueue): commit() has nothing to do and is skipped,
+    # so memory mode's handlers keep their speed.
+    durable: bool
+
     def offer(self, event: Event) -> bool: ...
+
+    async def commit(self) -> None: ...
 
     @property
     def closed(self) -> bool: ...
@@ -77,6 +85,10 @@ class Readiness(Protocol):
 
 def _problems(problems: list[Problem]) -> web.Response:
     return web.Response(status=400, body=error_body(problems), content_type=JSON)
+
+
+def _not_stored(reason: str) -> str:
+    return f"the forwarder could not store the event on disk ({reason}); retry later"
 
 
 def _unavailable(message: str) -> web.Response:
@@ -143,6 +155,16 @@ class Intake:
             admission = self._admit(result)
             if admission is Admission.SHUTTING_DOWN:
                 return _unavailable(SHUTTING_DOWN)
+            if self._queue.durable and admission is not Admission.QUEUE_FULL:
+                # No 202 before the event is in the log. A duplicate waits too: its first
+                # copy may be in the same commit, and if that fails, so does this answer.
+                try:
+                    await self._queue.commit()
+                except QueueUnavailable as exc:
+                    if admission is Admission.ACCEPTED and result.event.key:
+                        self._dedup.forget(result.event.key)  # not taken: a retry must pass
+                    self._count[Admission.QUEUE_FULL].inc()
+                    return _unavailable(_not_stored(exc.reason))
             self._count[admission].inc()
             if admission is Admission.QUEUE_FULL:
                 return _unavailable("the forwarder's queue is full; retry later")
@@ -156,7 +178,7 @@ class Intake:
         if isinstance(body, web.Response):
             return body
         try:
-            return self._batch(body, ndjson=request.content_type == "application/x-ndjson")
+            return await self._batch(body, ndjson=request.content_type == "application/x-ndjson")
         except Exception:
             log.exception("intake.unexpected_error", route="/events/batch")
             return error_response(500, "server_error", "unexpected error in the forwarder")
@@ -241,7 +263,7 @@ class Intake:
                 self._unknown_seen.add(name)
                 log.warning("intake.unknown_field_dropped", field=name)
 
-    def _batch(self, body: bytes, *, ndjson: bool) -> web.Response:
+    async def _batch(self, body: bytes, *, ndjson: bool) -> web.Response:
         if ndjson:
             items: list[object] = list(parse_ndjson(body))
         else:
@@ -259,6 +281,8 @@ class Intake:
         rejected: list[dict[str, object]] = []
         not_taken: list[int] = []
         truncated: list[dict[str, object]] = []
+        # A durable queue: (index, key) of every event offered, to undo if the commit fails.
+        offered: list[tuple[int, bytes]] | None = [] if self._queue.durable else None
         received_at = self._clock.wall()
         for index, item in enumerate(items):
             result = self._validate(item, self._validate_event, received_at)
@@ -268,6 +292,8 @@ class Intake:
             admission = self._admit(result)
             if admission is Admission.ACCEPTED:
                 accepted += 1
+                if offered is not None:
+                    offered.append((index, result.event.key))
             elif admission is Admission.DUPLICATE:
                 duplicates += 1
             else:
@@ -276,8 +302,24 @@ class Intake:
             if result.dropped_metadata_keys:
                 truncated.append({"index": index,
                                   "dropped_metadata_keys": list(result.dropped_metadata_keys)})
-        # One handler call, no await inside: the queue cannot close half-way through.
+        # No await between the offers above: the queue cannot close half-way through.
         closed = bool(not_taken) and self._queue.closed
+        why_not_taken = SHUTTING_DOWN if closed else "the forwarder's queue is full"
+        if offered is not None and (accepted or duplicates):
+            # One commit for the whole batch, shared with concurrent requests.
+            try:
+                await self._queue.commit()
+            except QueueUnavailable as exc:
+                # None of this batch's offers is in the log: the client resends exactly
+                # those (not_taken). Duplicates stay answered as such: their first copy
+                # came in an earlier request.
+                for _, key in offered:
+                    if key:
+                        self._dedup.forget(key)
+                not_taken = sorted(not_taken + [i for i, _ in offered])
+                accepted = 0
+                closed = False
+                why_not_taken = _not_stored(exc.reason).removesuffix("; retry later")
         if accepted:
             self._count[Admission.ACCEPTED].inc(accepted)
         if duplicates:
@@ -294,9 +336,8 @@ class Intake:
             # The client must resend exactly these; everything else is settled.
             answer["not_taken"] = not_taken
             answer["type"] = "error.list"
-            why = SHUTTING_DOWN if closed else "the forwarder's queue is full"
             answer["errors"] = [{"code": "service_unavailable",
-                                 "message": f"{why}; {len(not_taken)} events not taken "
+                                 "message": f"{why_not_taken}; {len(not_taken)} events not taken "
                                             "(see not_taken); retry them later"}]
             return web.Response(status=503, body=orjson.dumps(answer), content_type=JSON,
                                 headers={"Retry-After": RETRY_AFTER_S})

@@ -9,7 +9,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,7 +98,7 @@ class Daemon:
 
 
 async def spawn(workdir: Path, *, upstream: str, state_dir: Path, name: str = "daemon",
-                config: Path | None = None, **env: str) -> Daemon:
+                config: Path | None = None, wrapper: Sequence[str] = (), **env: str) -> Daemon:
     """Start `python -m forwarder serve` with JSON logs on its own TCP port; env adds or
     overrides variables (INTERCOM_ACCESS_TOKEN, FORWARDER_*). Does not wait for it."""
     port = free_port()
@@ -113,7 +113,8 @@ async def spawn(workdir: Path, *, upstream: str, state_dir: Path, name: str = "d
                 "FORWARDER_SHUTDOWN__DRAIN_SECONDS": "1",
                 "FORWARDER_LOG__FORMAT": "json",
                 **env}
-    argv = [sys.executable, "-m", "forwarder", "serve"]
+    # wrapper: a command that execs the daemon, e.g. prlimit to give it a real limit.
+    argv = [*wrapper, sys.executable, "-m", "forwarder", "serve"]
     if config is not None:
         argv += ["--config", str(config)]
     stderr_path = workdir / f"{name}.stderr"

@@ -441,6 +441,12 @@ def test_the_token_is_in_no_error_message(tmp_path, make):
                      id="per_seconds-positive"),
         pytest.param("[queue]\nmax_events = 0", "queue.max_events", "at least 1",
                      id="max_events-positive"),
+        pytest.param('[queue]\ntype = "sqlite"', "queue.type", "one of memory / disk",
+                     id="queue-type-choices"),
+        pytest.param('[queue]\ndisk_sync = "off"', "queue.disk_sync", "one of normal / full",
+                     id="disk_sync-choices"),
+        pytest.param("[queue]\nmax_disk_bytes = 1000", "queue.max_disk_bytes",
+                     "at least 1048576", id="max_disk_bytes-floor"),
         pytest.param("[dedup]\nwindow_seconds = 0", "dedup.window_seconds", "greater than 0",
                      id="window_seconds-positive"),
         pytest.param("[dedup]\nmax_keys = 0", "dedup.max_keys", "at least 1",
@@ -604,3 +610,15 @@ def test_every_command_the_default_file_tells_you_to_run_is_one_the_cli_accepts(
         except SystemExit:
             pytest.fail(f"config/forwarder.toml shows a command the CLI refuses: {command}")
     assert {c.split()[0] for c in commands} == {"serve", "check-config"}
+
+
+def test_disk_mode_keys_default_to_memory_and_read_from_the_environment(tmp_path):
+    """issue 13: memory mode unless asked; FORWARDER_QUEUE__TYPE etc. select disk mode."""
+    assert load_config(None, {}).queue == QueueConfig(type="memory", disk_sync="normal",
+                                                     max_disk_bytes=1 << 30)
+    env = {"FORWARDER_QUEUE__TYPE": "disk", "FORWARDER_QUEUE__DISK_SYNC": "full",
+           "FORWARDER_QUEUE__MAX_DISK_BYTES": "2097152"}
+    queue = load_config(None, env).queue
+    assert (queue.type, queue.disk_sync, queue.max_disk_bytes) == ("disk", "full", 2097152)
+    rendered = render_effective(load_config(None, env))
+    assert 'type = "disk"' in rendered and 'disk_sync = "full"' in rendered

@@ -280,3 +280,42 @@ def test_re_adding_a_remembered_key_again_and_again_holds_no_more_memory(clock):
     assert len(window) == 1
     window.add(key(2))
     assert window.contains(key(1)) and window.contains(key(2))
+
+
+def test_a_key_added_with_an_age_is_forgotten_that_much_sooner(clock):
+    """A restart reloads keys with their age (issue 13): one added 50 s ago in a 60 s
+    window is a duplicate for about 10 s more, not 60."""
+    window = DedupWindow(60, 100, clock)
+    window.add_aged(key(1), 50.0)
+    window.add_aged(key(2), 61.0)  # its window has passed: not remembered at all
+    assert window.contains(key(1)) and not window.contains(key(2))
+    clock.advance(9.0)
+    assert window.contains(key(1))
+    clock.advance(60 / GENERATIONS + 1.5)
+    assert not window.contains(key(1))
+
+
+def test_items_give_back_every_key_with_its_age_for_a_reload(clock):
+    """What a stop writes and the next start reads: a window rebuilt from items() holds
+    the same keys, each forgotten no sooner than in the original."""
+    window = DedupWindow(60, 100, clock)
+    window.add(key(1))
+    clock.advance(30.0)
+    window.add(key(2))
+    window.add(key(3))
+    window.forget(key(3))
+    pairs = list(window.items())
+    assert [k for k, _ in pairs] == [key(1)[:8], key(2)[:8]]
+    ages = dict(pairs)
+    assert 30.0 - 60 / GENERATIONS <= ages[key(1)[:8]] <= 30.0
+    assert ages[key(2)[:8]] == 0.0
+
+    reloaded = DedupWindow(60, 100, clock)
+    for k, age in pairs:
+        reloaded.add_aged(k, age)
+    assert reloaded.contains(key(1)) and reloaded.contains(key(2))
+    assert not reloaded.contains(key(3))
+    # key(1) had ~30 s left, plus up to two generations' width (its generation's age,
+    # and the window's own rounding); key(2) a whole window.
+    clock.advance(30.0 + 2 * 60 / GENERATIONS)
+    assert not reloaded.contains(key(1)) and reloaded.contains(key(2))

@@ -1,0 +1,370 @@
+"""DiskLog: the SQLite file of the durable queue (issue 13), on real files and threads."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from forwarder.clock import FakeClock, SystemClock
+from forwarder.disklog import DiskLog, DiskLogError
+from forwarder.disksql import WriteBatch
+from forwarder.event import Event, Route
+
+N_DAMAGED = 3000
+
+
+def ev(n: int, *, log_id: int | None = None, pad: int = 0, route: Route = Route.EVENTS) -> Event:
+    return Event(body=b'{"n":%d,"pad":"%s"}' % (n, b"x" * pad), key=n.to_bytes(16, "big"),
+                 route=route, attempts=n % 3, first_received_at=1_700_000_000.0 + n,
+                 log_id=n if log_id is None else log_id)
+
+
+def everything(log: DiskLog, top: int = 10**9, limit: int = 10**6):
+    return log.read(fresh_after=0, fresh_upto=top, fresh_limit=limit, due_after=(0.0, 0),
+                    now_wall=1e12, due_limit=limit)
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "queue.db"
+
+
+@pytest.fixture
+async def open_log(path: Path):
+    """Start DiskLogs on `path` and always close them."""
+    logs: list[DiskLog] = []
+
+    async def _open(**kwargs) -> DiskLog:
+        log = DiskLog(path, kwargs.pop("clock", FakeClock()), **kwargs)
+        await log.start()
+        logs.append(log)
+        return log
+
+    yield _open
+    for log in logs:
+        await log.close()
+
+
+async def write_events(path: Path, n: int, pad: int = 300) -> None:
+    log = DiskLog(path, FakeClock())
+    await log.start()
+    await log.write(WriteBatch(events=[ev(i, pad=pad) for i in range(1, n + 1)],
+                               keys_added_at=1.0))
+    await log.close()
+
+
+# -- durability ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("disk_sync", ["normal", "full"])
+async def test_committed_events_come_back_after_reopening_with_every_field(open_log, disk_sync,
+                                                                           captured_logs):
+    log = await open_log(disk_sync=disk_sync)
+    summary = ev(2, route=Route.SUMMARIES)
+    await log.write(WriteBatch(events=[ev(1), summary], keys_added_at=5.0))
+    await log.close()
+
+    again = await open_log(disk_sync=disk_sync)
+    rows = (await everything(again)).fresh
+    assert rows == [(1, "/events", ev(1).key, ev(1).body, 1, 1_700_000_001.0, 0.0),
+                    (2, "/events/summaries", summary.key, summary.body, 2, 1_700_000_002.0, 0.0)]
+    opened = [e for e in captured_logs if e["event"] == "disklog.opened"]
+    # what SQLite reports it runs, read back from the connection
+    assert [e["synchronous"] for e in opened] == [disk_sync, disk_sync]
+    assert opened[-1]["events"] == 2
+
+
+async def test_retry_times_and_attempts_are_kept_and_settled_events_are_gone(open_log):
+    log = await open_log()
+    await log.write(WriteBatch(events=[ev(1), ev(2), ev(3)]))
+    await log.write(WriteBatch(retries=[(4, 1_700_000_500.0, 2)], deletes=[3]))
+    await log.close()
+
+    again = await open_log()
+    assert (again.rows, again.rows) == (2, 2)
+    early = await again.read(fresh_after=0, fresh_upto=3, fresh_limit=10, due_after=(0.0, 0),
+                             now_wall=1_700_000_499.0, due_limit=10)
+    assert [r[0] for r in early.fresh] == [1]
+    assert early.due == [] and early.next_due == 1_700_000_500.0
+    late = await again.read(fresh_after=1, fresh_upto=3, fresh_limit=10, due_after=(0.0, 0),
+                            now_wall=1_700_000_500.0, due_limit=10)
+    assert [(r[0], r[4], r[6]) for r in late.due] == [(2, 4, 1_700_000_500.0)]
+    assert late.next_due is None
+
+
+async def test_concurrent_writes_share_commits(open_log):
+    stats = []
+    log = await open_log(on_commit=stats.append)
+    futures = [log.write(WriteBatch(events=[ev(i)])) for i in range(1, 101)]
+    await asyncio.gather(*futures)
+    assert sum(s.events for s in stats) == 100
+    assert len(stats) == log.commits <= 10  # one per write would be 100
+    assert max(s.writes for s in stats) >= 10
+    assert all(s.latency_s >= 0 for s in stats)
+
+
+async def test_a_failed_commit_writes_nothing_of_its_batch(open_log, path):
+    """1. another connection holds the write lock past the busy timeout; 2. the write
+    fails with the SQLite reason; 3. the lock goes; 4. nothing of the batch is there."""
+    log = await open_log(busy_timeout_s=0.05)
+    await log.write(WriteBatch(events=[ev(1)]))
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN EXCLUSIVE")
+    with pytest.raises(DiskLogError) as failed:
+        await log.write(WriteBatch(events=[ev(2)], deletes=[1]))
+    other.execute("ROLLBACK")
+    other.close()
+    assert failed.value.reason == "SQLITE_BUSY"
+    assert [r[0] for r in (await everything(log)).fresh] == [1]
+    await log.write(WriteBatch(events=[ev(3)]))
+    assert [r[0] for r in (await everything(log)).fresh] == [1, 3]
+
+
+async def test_a_crashed_writer_fails_waiting_requests_instead_of_hanging(open_log,
+                                                                         monkeypatch,
+                                                                         captured_logs):
+    log = await open_log()
+
+    def bug(*args):
+        raise RuntimeError("a bug in the writer")
+
+    monkeypatch.setattr("forwarder.disksql.apply", bug)
+    with pytest.raises(DiskLogError, match="writer_crashed"):
+        await asyncio.wait_for(log.write(WriteBatch(events=[ev(1)])), 5)
+    with pytest.raises(DiskLogError, match="writer_crashed"):
+        await asyncio.wait_for(everything(log), 5)
+    assert "disklog.writer_crashed" in [e["event"] for e in captured_logs]
+
+
+async def test_requests_after_close_fail_at_once(open_log):
+    log = await open_log()
+    await log.close()
+    with pytest.raises(DiskLogError, match="closed"):
+        await log.write(WriteBatch(events=[ev(1)]))
+
+
+# -- the event loop is never blocked -----------------------------------------------------------
+
+
+async def test_a_commit_held_up_by_a_lock_does_not_stall_the_event_loop(open_log, path):
+    """Another process's transaction holds the write lock for 0.5 s: the commit waits for
+    it (SQLite's busy timeout) on the writer thread while a coroutine keeps ticking."""
+    clock = SystemClock()
+    log = await open_log(clock=clock)
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_lock() -> None:
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")
+        locked.set()
+        release.wait(0.5)  # the scenario: a lock held for 0.5 s
+        other.execute("ROLLBACK")
+        other.close()
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    await asyncio.get_running_loop().run_in_executor(None, locked.wait)
+    gaps: list[float] = []
+
+    async def tick() -> None:
+        last = clock.monotonic()
+        while True:
+            await asyncio.sleep(0.005)  # the measurement itself, not a wait for a condition
+            now = clock.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    ticker = asyncio.ensure_future(tick())
+    started = clock.monotonic()
+    await asyncio.wait_for(log.write(WriteBatch(events=[ev(1)])), 5)
+    took = clock.monotonic() - started
+    ticker.cancel()
+    holder.join()
+    assert took >= 0.3  # the commit really waited for the lock
+    assert len(gaps) >= 20 and max(gaps) < 0.15
+
+
+# -- bounded files ----------------------------------------------------------------------------
+
+
+async def test_the_wal_is_checkpointed_so_it_stays_bounded(open_log, path):
+    log = await open_log(checkpoint_bytes=256 << 10)
+    wal = Path(f"{path}-wal")
+    sizes = []
+    for chunk in range(20):  # ~3.5 MB in all, ~175 KB a commit
+        await log.write(WriteBatch(events=[ev(i, pad=300) for i in
+                                           range(chunk * 500 + 1, chunk * 500 + 501)]))
+        sizes.append(wal.stat().st_size)
+    assert log.checkpoints > 0
+    # Up to 4x checkpoint_bytes (checkpoints in the background cannot always restart
+    # it) and a commit; without checkpoints it would hold every commit (~3.5 MB).
+    assert max(sizes) < 4 * (256 << 10) + 2 * (180 << 10)
+    await log.maintain()
+    assert wal.stat().st_size == 0  # TRUNCATE when idle
+
+
+async def test_a_checkpoint_comes_once_per_checkpoint_bytes_of_wal_not_per_commit(open_log):
+    """SQLite reuses a checkpointed WAL file without shrinking it: judged by the file's
+    size, every commit after the first checkpoint would checkpoint again (~20 times
+    slower commits, bench/disk_queue.py)."""
+    log = await open_log(checkpoint_bytes=256 << 10)
+    for chunk in range(60):  # ~35 KB a commit, ~2 MB in all
+        await log.write(WriteBatch(events=[ev(i, pad=300) for i in
+                                           range(chunk * 100 + 1, chunk * 100 + 101)]))
+    assert log.commits == 60
+    assert 3 <= log.checkpoints <= 20  # ~65 KB of WAL pages a commit
+
+
+async def test_commits_during_background_checkpoints_do_not_set_off_one_per_commit(open_log):
+    """Commits that land while the checkpointer runs keep the WAL from restarting, so its
+    file stays large: asking again whenever it is over checkpoint_bytes would checkpoint
+    (and fsync) after nearly every commit."""
+    log = await open_log(checkpoint_bytes=256 << 10)
+    in_flight: set[asyncio.Future] = set()
+    for chunk in range(300):  # ~30 KB a commit, ~9 MB in all, two writes in flight
+        in_flight.add(log.write(WriteBatch(events=[ev(i, pad=300) for i in
+                                                   range(chunk * 20 + 1, chunk * 20 + 21)])))
+        if len(in_flight) >= 2:
+            _, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.gather(*in_flight)
+    assert log.checkpoints <= 36, (log.checkpoints, log.commits)  # ~23 by WAL growth, ~50 per commit
+
+
+async def test_deleting_settled_events_gives_the_space_back(open_log, path):
+    log = await open_log()
+    await log.write(WriteBatch(events=[ev(i, pad=1000) for i in range(1, 20_001)]))
+    await log.maintain()
+    full = log.file_bytes
+    assert full > 20_000 * 1000
+    assert full == path.stat().st_size  # exact after a TRUNCATE checkpoint: no WAL left
+    await log.write(WriteBatch(deletes=list(range(1, 19_001))))
+    await everything(log)  # the writer checkpoints the big WAL right after the commit
+    assert log.used_bytes < full / 4  # freed pages are reusable at once
+    for _ in range(5):
+        await log.maintain()
+    assert path.stat().st_size < full / 4  # and handed back to the file system
+    assert log.rows == 1000
+
+
+# -- dedup keys ---------------------------------------------------------------------------
+
+
+async def test_dedup_keys_are_written_with_their_events_and_loaded_in_chunks(open_log):
+    log = await open_log()
+    await log.write(WriteBatch(events=[ev(i) for i in range(1, 6)], keys_added_at=100.0))
+    await log.write(WriteBatch(events=[ev(i) for i in range(6, 11)], keys_added_at=200.0))
+    await log.write(WriteBatch(events=[Event(b"{}", b"", log_id=11)], keys_added_at=300.0))
+    await log.write(WriteBatch(forget_keys=[7], deletes=[7]))
+    await log.close()
+
+    again = await open_log()
+    chunks = [c async for c in again.load_keys(150.0, chunk=2)]
+    assert [len(c) for c in chunks] == [2, 2]
+    assert [k for c in chunks for k in c] == [(ev(i).key, 200.0) for i in (6, 8, 9, 10)]
+
+
+async def test_dedup_keys_older_than_the_window_expire(open_log):
+    clock = FakeClock()
+    log = await open_log(clock=clock, key_window_s=3600)
+    await log.write(WriteBatch(events=[ev(1)], keys_added_at=clock.wall() - 7200))
+    await log.write(WriteBatch(events=[ev(2)], keys_added_at=clock.wall() - 60))
+    await log.maintain()
+    keys = [k for c in [c async for c in log.load_keys(0.0)] for k, _ in c]
+    assert keys == [ev(2).key]
+
+
+# -- a damaged file at start ---------------------------------------------------------------
+
+
+def aside_files(path: Path) -> list[str]:
+    """The moved-aside files but -shm (SQLite's shared-memory index, rebuilt at will) and
+    an empty -wal (made by SQLite's read-only look at the file)."""
+    return sorted(p.name for p in path.parent.iterdir() if ".corrupt-" in p.name
+                  and not p.name.endswith("-shm")
+                  and (p.stat().st_size or not p.name.endswith("-wal")))
+
+
+async def reopen_damaged(open_log, path: Path, captured_logs) -> tuple[DiskLog, list]:
+    log = await open_log()
+    damaged = [e for e in captured_logs if e["event"] == "disklog.damaged"]
+    assert len(damaged) == 1 and damaged[0]["log_level"] == "error"
+    await log.write(WriteBatch(events=[ev(N_DAMAGED + 1)]))  # usable afterwards
+    rows = (await everything(log)).fresh
+    assert rows[-1][0] == N_DAMAGED + 1
+    return log, rows[:-1]
+
+
+async def test_a_file_that_is_not_a_database_is_moved_aside_and_the_log_starts(
+        open_log, path, captured_logs):
+    path.parent.mkdir(parents=True)
+    path.write_bytes(os.urandom(50_000))
+    log, rows = await reopen_damaged(open_log, path, captured_logs)
+    assert rows == []
+    assert (log.damage.reason, log.damage.events) == ("SQLITE_NOTADB", 0)
+    assert aside_files(path) == [log.damage.moved_to.name]
+    assert log.damage.moved_to.stat().st_size == 50_000  # kept as it was, never deleted
+
+
+async def test_a_torn_tail_keeps_the_rows_before_it(open_log, path, captured_logs):
+    await write_events(path, N_DAMAGED)
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.truncate(size // 2)
+    log, rows = await reopen_damaged(open_log, path, captured_logs)
+    assert N_DAMAGED / 4 < len(rows) < N_DAMAGED
+    assert log.damage.events == len(rows)
+    assert all(row[3] == ev(row[0], pad=300).body for row in rows)  # intact, not garbage
+    assert aside_files(path) == [log.damage.moved_to.name]
+
+
+@pytest.mark.parametrize("offset, length, most_lost, exact", [
+    # five whole pages: ~12 rows each, maybe index pages too (then fewer are counted)
+    (0, 5 * 4096, 100, False),
+    # cells inside one page: a range read stops there without an error
+    (2000, 1000, 10, True),
+], ids=["whole_pages", "cells_in_a_page"])
+async def test_bad_pages_cost_only_the_rows_on_them_and_are_counted(
+        open_log, path, captured_logs, offset, length, most_lost, exact):
+    await write_events(path, N_DAMAGED)
+    page = path.stat().st_size // 3 // 4096 * 4096
+    with open(path, "r+b") as f:
+        f.seek(page + offset)
+        f.write(random.Random(1).randbytes(length))
+    log, rows = await reopen_damaged(open_log, path, captured_logs)
+    assert log.damage.reason in ("quick_check_failed", "SQLITE_CORRUPT")
+    assert len(rows) >= N_DAMAGED - most_lost
+    assert len(rows) + log.damage.unreadable <= N_DAMAGED  # never counts a row twice
+    if exact:  # the id index is intact: every lost row is counted
+        assert len(rows) + log.damage.unreadable == N_DAMAGED
+    assert all(row[3] == ev(row[0], pad=300).body for row in rows)
+    assert log.damage.keys == N_DAMAGED
+
+
+async def test_a_file_from_a_newer_version_is_moved_aside_with_its_wal(open_log, path,
+                                                                       captured_logs):
+    """The rows it holds in the columns we know are salvaged: a downgrade sends them."""
+    await write_events(path, 10)
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA user_version = 99")
+    conn.execute("PRAGMA wal_autocheckpoint = 0")
+    conn.execute("DELETE FROM events WHERE id = 10")  # stays in the WAL
+    wal = Path(f"{path}-wal").read_bytes()
+    os.close(os.open(path, os.O_RDONLY))
+    # Copy the files as a kill would leave them (closing would checkpoint the WAL).
+    files = {s: Path(f"{path}{s}").read_bytes() for s in ("", "-wal")}
+    conn.close()
+    for suffix, data in files.items():
+        Path(f"{path}{suffix}").write_bytes(data)
+    assert wal
+    log, rows = await reopen_damaged(open_log, path, captured_logs)
+    assert log.damage.reason == "newer_version"
+    assert [r[0] for r in rows] == list(range(1, 10))
+    aside = log.damage.moved_to
+    assert Path(f"{aside}-wal").read_bytes() == wal  # as found: the check never wrote
+    assert aside.name in aside_files(path)
