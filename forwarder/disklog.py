@@ -492,6 +492,10 @@ class DiskLog:
 
     def _connect(self) -> sqlite3.Connection:
         """Open the file (creating the schema in a new one) with this log's settings."""
+        # Event bodies carry contact identities and e-mail addresses: owner-only, as the
+        # dead-letter file. SQLite gives its -wal and -shm files the database file's mode.
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        os.chmod(self.path, 0o600)
         conn = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None)
         try:
             if conn.execute("PRAGMA user_version").fetchone()[0] == 0:

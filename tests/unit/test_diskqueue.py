@@ -71,6 +71,15 @@ async def offer_all(queue: DiskQueue, events: list[Event]) -> None:
 # -- durability ------------------------------------------------------------------------
 
 
+async def test_the_log_and_its_wal_are_readable_by_the_owner_only(path, make_queue):
+    """Event bodies carry e-mail addresses: like the dead-letter file, mode 0600."""
+    queue = await make_queue()
+    await offer_all(queue, [ev(1)])
+    files = [p for p in path.parent.iterdir() if p.name.startswith("queue.db")]
+    assert {p.name for p in files} >= {"queue.db", "queue.db-wal"}
+    assert {p.name: p.stat().st_mode & 0o777 for p in files} == {p.name: 0o600 for p in files}
+
+
 async def test_committed_events_come_back_after_a_restart_with_every_field(make_queue):
     """1. offer and commit 5 events; 2. a worker takes two (one is in flight, one was
     requeued); 3. stop without settling; 4. restart: all 5 are taken again, unchanged."""
