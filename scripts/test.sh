@@ -25,7 +25,7 @@ if ! command -v redis-server >/dev/null 2>&1 && command -v apt-get >/dev/null 2>
     && [ "$(id -u)" = 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
 fi
-if [ "${FORWARDER_TESTS_REQUIRE_REDIS:-}" = 1 ] && ! command -v redis-server >/dev/null 2>&1; then
+if [ "${CI_REQUIRE_REDIS_SERVER:-}" = 1 ] && ! command -v redis-server >/dev/null 2>&1; then
   echo "scripts/test.sh: redis-server not found; the fleet tests need it" >&2
   exit 1
 fi
