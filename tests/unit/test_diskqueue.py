@@ -163,7 +163,10 @@ async def test_a_kill_9_loses_no_acknowledged_event(path, make_queue, disk_sync)
             lines.append(line)
     finally:
         child.send_signal(signal.SIGKILL)
-        rest, _ = child.communicate(timeout=10)
+        # Through the same file object: readline() may have buffered lines ahead, and
+        # communicate() reads the raw fd, which lost them (CI saw "settled" lines vanish).
+        rest = child.stdout.read() if child.stdout is not None else ""
+        child.wait(timeout=10)
     # Written before the kill: acknowledged all the same. A line the kill cut is dropped.
     lines += rest.split("\n")[:-1]
     acked = {int(n) for line in lines if line.startswith("acked") for n in line.split()[1:]}
@@ -272,8 +275,10 @@ async def test_offers_past_max_bytes_are_refused_and_settling_makes_room(make_qu
     assert refused and 1000 < accepted < 2100
     # Checked against the size measured at the last commit (live pages and the WAL file)
     # plus an estimate of what is staged, so a commit may pass the bound by its
-    # estimate's error (a few rows); the file's free pages are not counted.
-    assert queue.log.used_bytes <= (2 << 20) * 1.02
+    # estimate's error (a few rows); the file's free pages are not counted. The WAL is
+    # part of it, and on a loaded machine the checkpoint thread lags a commit or two
+    # (CI saw 1.05): 10% is the bound queue.max_disk_bytes documents.
+    assert queue.log.used_bytes <= (2 << 20) * 1.10
     assert queue.bytes_on_disk <= (2 << 20) * 1.10
 
     for event in await take_all_ready(queue):
