@@ -65,7 +65,7 @@ import structlog
 
 from forwarder.clock import Clock
 from forwarder.event import Event
-from forwarder.files import fsync_dir
+from forwarder.files import fsync_dir, write_all
 
 log = structlog.get_logger(__name__)
 
@@ -487,10 +487,9 @@ def _locked(path: Path, operation: int) -> Iterator[None]:
 
 def _write_all(fd: int, data: bytes) -> None:
     # Usually one write. The kernel may take only part (a short write as the disk fills);
-    # for an append, O_APPEND and the lock keep the parts contiguous.
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+    # for an append, O_APPEND and the lock keep the parts contiguous. (A name of this
+    # module's own, so tests can inject a failing disk here.)
+    write_all(fd, data)
 
 
 async def _outcome(written: asyncio.Future[None]) -> None:

@@ -1,24 +1,19 @@
-"""Durable file writes shared by the spool and the dead-letter file."""
+"""Durable file writes shared by the spool, the dead-letter file and dedup.keys."""
 
 from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 
-def replace_atomically(path: Path, data: bytes,
-                       prepare: Callable[[int], None] | None = None) -> None:
+def replace_atomically(path: Path, data: bytes) -> None:
     """Write data to path so that readers see the old file or the new one, never a mix,
-    and the new one survives a crash once this returns. prepare(fd) runs on the temporary
-    file before anything is written (the dead-letter file sets its owner there)."""
+    and the new one survives a crash once this returns."""
     directory = path.parent
     directory.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
-        if prepare is not None:
-            prepare(fd)
         with open(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -80,6 +80,24 @@ async def _batch_client(url: str, tag: str, acked: set[str], size: int = 25) -> 
                 return
 
 
+
+async def post_until_refused(session: aiohttp.ClientSession, url: str, prefix: str, *,
+                             pad: int, batches: int
+                             ) -> tuple[set[str], tuple[str | None, dict] | None]:
+    """Post batches of 100 padded events until one is answered 503. Returns the names
+    answered 202 and the refusal (Retry-After, answer), None if none came."""
+    acked: set[str] = set()
+    for n in range(batches):
+        names = [f"{prefix}{n}-{i}-" + "x" * pad for i in range(100)]
+        async with session.post(url + "/events/batch",
+                                data=orjson.dumps([event(x) for x in names])) as r:
+            answer = await r.json()
+            if r.status == 503:
+                return acked, (r.headers.get("Retry-After"), answer)
+            assert r.status == 202
+            acked.update(names)
+    return acked, None
+
 async def test_kill_9_under_concurrent_singles_and_batches_loses_no_acknowledged_event(
         tmp_path):
     """Steps: a disk-mode daemon forwarding at 200 events/s takes singles from two clients
@@ -188,20 +206,10 @@ async def test_max_disk_bytes_reached_answers_503_and_keeps_what_it_took(tmp_pat
     dead = f"http://127.0.0.1:{free_port()}"
     env = disk_env(FORWARDER_QUEUE__MAX_DISK_BYTES=str(1 << 20))
     daemon = await start(tmp_path, dead, "first", **env)
-    acked: set[str] = set()
-    refused = None
     try:
         async with aiohttp.ClientSession() as s:
-            for n in range(60):  # 6,000 events of ~450 bytes on disk: ~2.6 MB, past 1 MiB
-                names = [f"m{n}-{i}-" + "x" * 200 for i in range(100)]
-                body = orjson.dumps([event(x) for x in names])
-                async with s.post(daemon.url + "/events/batch", data=body) as r:
-                    answer = await r.json()
-                    if r.status == 503:
-                        refused = (r.headers.get("Retry-After"), answer)
-                        break
-                    assert r.status == 202
-                    acked.update(names)
+            # 6,000 events of ~450 bytes on disk: ~2.6 MB, past 1 MiB
+            acked, refused = await post_until_refused(s, daemon.url, "m", pad=200, batches=60)
         assert refused is not None, "max_disk_bytes never refused an event"
         retry_after, answer = refused
         assert retry_after == "1"
@@ -406,17 +414,8 @@ async def test_a_disk_that_refuses_writes_gives_503_and_not_ready_until_it_takes
     try:
         await daemon.wait_serving()
         async with aiohttp.ClientSession() as s:
-            refused = None
-            for n in range(100):  # ~5 MB of log: past the 3 MB limit
-                names = [f"f{n}-{i}-" + "z" * 300 for i in range(100)]
-                body = orjson.dumps([event(x) for x in names])
-                async with s.post(daemon.url + "/events/batch", data=body) as r:
-                    answer = await r.json()
-                    if r.status == 503:
-                        refused = (r.headers.get("Retry-After"), answer)
-                        break
-                    assert r.status == 202
-                    acked.update(names)
+            # ~5 MB of log: past the 3 MB limit
+            acked, refused = await post_until_refused(s, daemon.url, "f", pad=300, batches=100)
             assert refused is not None, "the file-size limit never refused a commit"
             retry_after, answer = refused
             assert retry_after == "1" and answer["not_taken"] == list(range(100))
