@@ -37,6 +37,7 @@ from .intake.routes import Routes
 from .logs import LogThrottle, set_log_level
 from .metrics import Metrics
 from .notify import SystemdNotifier
+from .preflight import NO_TOKEN
 from .queue import EventQueue
 from .ratelimit import RateGate
 from .spool import Spool, SpoolWriteError
@@ -162,9 +163,7 @@ class Service:
         # state dir leaves the first's files alone (raises StateDirBusy).
         self._state_lock.acquire()
         if not self.config.intercom.access_token:
-            raise ConfigError("intercom.access_token",
-                              "no Intercom access token: set INTERCOM_ACCESS_TOKEN, "
-                              "intercom.access_token_file or intercom.access_token")
+            raise ConfigError("intercom.access_token", NO_TOKEN)
         Path(self.config.storage.state_dir).mkdir(parents=True, exist_ok=True)
         if isinstance(self.queue, DiskQueue):
             await self.queue.start()
