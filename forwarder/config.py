@@ -13,6 +13,7 @@ import math
 import os
 import tomllib
 import typing
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -140,6 +141,15 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class FleetConfig:
+    # Empty: no Redis, each daemon paces its own share (ratelimit/share.py). Set, every
+    # daemon of the app on this Redis shares one budget and one dedup window (docs/fleet.md).
+    # A Secret: the URL may hold a password, so it is never echoed (render_effective masks
+    # only the password).
+    redis_url: Secret = field(default_factory=lambda: Secret(""))
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     intake: IntakeConfig = field(default_factory=IntakeConfig)
     intercom: IntercomConfig = field(default_factory=IntercomConfig)
@@ -151,13 +161,15 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
 
 
 ENV_PREFIX = "FORWARDER_"
 TOKEN_ENV = "INTERCOM_ACCESS_TOKEN"
 CREDENTIAL_NAME = "intercom-access-token"  # systemd LoadCredential=intercom-access-token:...
 REDACTED = "<redacted>"
-CONFIG_PATH_ENV = "FORWARDER_CONFIG"  # names the file; cli.py reads it, it is no key
+CONFIG_PATH_ENV = "FORWARDER_CONFIG"
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")  # names the file; cli.py reads it, it is no key
 
 
 _SCHEMA = {  # section -> (dataclass, key -> type), in dataclass order
@@ -213,6 +225,11 @@ _RULES: dict[str, tuple[Callable[[typing.Any], bool], str]] = {
     "log.level": _one_of("debug", "info", "warning", "error"),
     "log.format": _one_of("json", "console", "auto"),
     "log.stats_interval_seconds": _ABOVE_ZERO,
+    # Checked on the scheme alone, and the message never holds the URL (a password).
+    "fleet.redis_url": (
+        (lambda v: not v or v.reveal().startswith(REDIS_SCHEMES)),
+        "must start with " + ", ".join(REDIS_SCHEMES) + " (or be empty: no Redis)",
+    ),
 }
 
 
@@ -390,6 +407,23 @@ def render_effective(config: Config) -> str:
         for key in keys:
             value = getattr(sub, key)
             if isinstance(value, Secret):
-                value = REDACTED if value else ""
+                value = (mask_url_password(value.reveal()) if key == "redis_url"
+                         else REDACTED if value else "")
             lines.append(f"{key} = {_toml_value(value)}")
     return "\n".join(lines) + "\n"
+
+
+def mask_url_password(url: str) -> str:
+    """The URL with its password (in the userinfo or redis-py's ?password=) replaced by
+    <redacted>: the host, port, db or socket path are what an operator checks, the
+    password must never be shown. Edited as text: urlunsplit would turn unix:///path
+    into unix:/path."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is not None:
+        host = parts.netloc.rpartition("@")[2]
+        url = url.replace(parts.netloc, f"{parts.username or ''}:{REDACTED}@{host}", 1)
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    if any(k == "password" for k, _ in query):
+        masked = [(k, REDACTED if k == "password" else v) for k, v in query]
+        url = url.partition("?")[0] + "?" + urllib.parse.urlencode(masked, safe="<>")
+    return url

@@ -622,3 +622,20 @@ def test_disk_mode_keys_default_to_memory_and_read_from_the_environment(tmp_path
     assert (queue.type, queue.disk_sync, queue.max_disk_bytes) == ("disk", "full", 2097152)
     rendered = render_effective(load_config(None, env))
     assert 'type = "disk"' in rendered and 'disk_sync = "full"' in rendered
+
+
+def test_fleet_redis_url_takes_the_three_schemes_and_never_shows_a_password():
+    for url in ("redis://h:6379/0", "rediss://h:6380/1", "unix:///run/redis/redis.sock"):
+        cfg = load_config(env={"FORWARDER_FLEET__REDIS_URL": url})
+        assert cfg.fleet.redis_url.reveal() == url
+        assert url not in repr(cfg)
+    err = str(error(env={"FORWARDER_FLEET__REDIS_URL": "http://user:hunter2@h:6379"}))
+    assert "fleet.redis_url" in err and "redis://" in err and "hunter2" not in err
+    cfg = load_config(env={"FORWARDER_FLEET__REDIS_URL": "redis://u:hunter2@redis:6379/0"})
+    text = render_effective(cfg)
+    assert "hunter2" not in text
+    assert tomllib.loads(text)["fleet"]["redis_url"] == "redis://u:<redacted>@redis:6379/0"
+    cfg = load_config(env={"FORWARDER_FLEET__REDIS_URL": "unix:///s.sock?db=1&password=hunter2"})
+    assert tomllib.loads(render_effective(cfg))["fleet"]["redis_url"] == \
+        "unix:///s.sock?db=1&password=<redacted>"
+    assert load_config(env={}).fleet.redis_url.reveal() == ""
