@@ -40,7 +40,7 @@ from __future__ import annotations
 import struct
 from array import array
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from itertools import islice
 
 from forwarder.clock import Clock
@@ -120,6 +120,13 @@ class DedupWindow:
             return True
         self._add(k, now)
         return True
+
+    async def add_if_absent_many(self, keys: Sequence[bytes]) -> list[bool]:
+        """add_if_absent() for each key in order (a key twice: the second is a duplicate).
+        The intake's one call per request; a coroutine so that the fleet's window
+        (fleet_dedup.py), which asks Redis, has the same shape. It never suspends here."""
+        add = self.add_if_absent
+        return [add(k) for k in keys]
 
     def add(self, key: bytes) -> None:
         """Remember key from now on (re-adding an old key restarts its window)."""

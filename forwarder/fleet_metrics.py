@@ -16,7 +16,13 @@ RESULTS = ("ok", "error", "timeout", "skipped")
 class FleetMetrics:
     """What the fleet costs and what it catches; see docs/fleet.md for each series."""
 
-    def __init__(self, registry: CollectorRegistry):
+    def __init__(self, registry: CollectorRegistry, *, redis: bool = True):
+        # redis=False (no [fleet] redis_url): only the share is exported. The Redis series
+        # go to a registry that nothing renders: a redis_up there would be a lie, and an
+        # alert on it would fire for every daemon that needs no Redis.
+        exported = registry
+        if not redis:
+            registry = CollectorRegistry(auto_describe=False)
         self.redis_round_trips = Counter(
             f"{PREFIX}_fleet_redis_round_trips",
             "Round trips to Redis, by operation and result (skipped: Redis known down)",
@@ -48,7 +54,7 @@ class FleetMetrics:
         self.share = Gauge(
             f"{PREFIX}_fleet_share",
             "This daemon's share of the app's Intercom budget in the last window (1: alone)",
-            registry=registry,
+            registry=exported,
         )
         self.duplicates = Counter(
             f"{PREFIX}_fleet_duplicates",

@@ -30,6 +30,8 @@ from .deadletter import DeadLetterFile
 from .dedup import DedupWindow
 from .dedupfile import read_keys, write_keys
 from .diskqueue import DiskQueue
+from .fleet import Fleet
+from .fleet_metrics import FleetMetrics
 from .intake.http import Intake
 from .intake.listen import Listener
 from .intake.proxy import EventsProxy
@@ -92,8 +94,20 @@ class Service:
             self.queue = EventQueue(qc.max_events, self.clock)
         self._dedup_file = state_dir / "dedup.keys"  # memory mode's window across a restart
         self._queue_started = False
+        self._fleet_started = False
         self.dedup = DedupWindow(config.dedup.window_seconds, config.dedup.max_keys, self.clock)
-        self.gate = RateGate(config.rate_limit.requests, config.rate_limit.per_seconds, self.clock)
+        # The share gauge always; the Redis series with a Redis only (fleet_metrics.py).
+        with_redis = bool(config.fleet.redis_url) and bool(config.intercom.access_token)
+        self.fleet_metrics = FleetMetrics(self.metrics.registry, redis=with_redis)
+        self.fleet = (Fleet.build(config, self.dedup, clock=self.clock, rng=self._rng,
+                                  metrics=self.fleet_metrics) if with_redis else None)
+        self.gate = RateGate(config.rate_limit.requests, config.rate_limit.per_seconds, self.clock,
+                             fleet=self.fleet.budget if self.fleet else None, rng=self._rng)
+        if self.fleet is None:
+            share = self.gate.share
+            self.fleet_metrics.share.set_function(lambda: share.share)
+        # What the intake dedups with, and where a dead letter's key is forgotten.
+        self.key_window = self.fleet.dedup if self.fleet else self.dedup
         self.upstream = UpstreamClient(config.intercom, config.intercom.access_token,
                                        pool_size=config.workers.concurrency, clock=self.clock)
         self.spool = Spool(state_dir / "spool.jsonl")
@@ -110,7 +124,7 @@ class Service:
         # GET /events: reads share the workers' rate gate and client (ahead of writes).
         self.proxy = EventsProxy(gate=self.gate, upstream=self.upstream, readiness=self,
                                  metrics=self.metrics)
-        self.intake = Intake(queue=self.queue, dedup=self.dedup, metrics=self.metrics,
+        self.intake = Intake(queue=self.queue, dedup=self.key_window, metrics=self.metrics,
                              clock=self.clock, readiness=self,
                              workspace_id=config.intercom.workspace_id,
                              max_body_bytes=config.intake.max_body_bytes)
@@ -180,6 +194,9 @@ class Service:
                 # reads: say so, rather than leave them unmentioned until disk mode is back.
                 log.warning("queue.disk_log_ignored", path=str(db), queue_type="memory")
         await self.upstream.start()
+        if self.fleet is not None:
+            await self.fleet.start()  # before the workers, which take its permits
+            self._fleet_started = True
         self.workers.on_crash = self._on_worker_crash
         await self.workers.start()
         if isinstance(self.queue, DiskQueue):
@@ -248,6 +265,10 @@ class Service:
                 await self.queue.stop()
             except Exception as exc:
                 log.error("service.stop_step_failed", step="queue.stop", error=repr(exc))
+        if self.fleet is not None and self._fleet_started:
+            # After the workers: the drain's dead letters queued fleet-wide forgets,
+            # which the fleet's stop flushes (bounded by the Redis timeout).
+            await self._stop_step("fleet.stop", self.fleet.stop)
         for task in self._tasks:
             task.cancel()
         await _reap(self._tasks)
@@ -400,7 +421,7 @@ class Service:
         # contact is fixed must not be taken for a duplicate (nor after a restart: the
         # disk queue's copy of the key goes too).
         if event.key:
-            self.dedup.forget(event.key)
+            self.key_window.forget(event.key)  # with a fleet: fleet-wide
             self.queue.forget_key(event)
 
     async def _restore_spool_into_disk_queue(self) -> None:

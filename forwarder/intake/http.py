@@ -3,14 +3,15 @@ into 202 / 400 / 413 / 503.
 
 POST /events takes exactly the body Intercom's POST /events takes and answers like it
 (202, empty body), so an app using an official SDK only changes its base URL. The hot
-path has no await per event, no task, no log call and one serialisation (in validate).
+path has no await per event, no task, no log call and one serialisation (in validate);
+the dedup is one call per request (with a fleet's Redis: one round trip, bounded).
 """
 
 from __future__ import annotations
 
 import enum
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import orjson
@@ -71,7 +72,9 @@ class Offerable(Protocol):
 
 
 class KeyWindow(Protocol):
-    def add_if_absent(self, key: bytes) -> bool: ...
+    # This daemon's DedupWindow (dedup.py), or the fleet's window through Redis
+    # (fleet_dedup.py): one call per request, whatever the number of keys, bounded in time.
+    async def add_if_absent_many(self, keys: Sequence[bytes]) -> list[bool]: ...
 
     def forget(self, key: bytes) -> None: ...
 
@@ -152,7 +155,7 @@ class Intake:
             if isinstance(result, list):
                 self._count_rejected.inc()
                 return _problems(result)
-            admission = self._admit(result)
+            admission = (await self._admit([result]))[0]
             if admission is Admission.SHUTTING_DOWN:
                 return _unavailable(SHUTTING_DOWN)
             if self._queue.durable and admission is not Admission.QUEUE_FULL:
@@ -233,22 +236,33 @@ class Intake:
             return [item]
         return validate(item, received_at)
 
-    def _admit(self, normalised: Normalised) -> Admission:
-        """Report what validation left out, then dedup, then queue. Counting the outcome
-        is the caller's, so a batch counts once. The report counts for every valid submission
-        (a duplicate or a 503'd event had its keys cut off too), so it comes first."""
-        if normalised.dropped_metadata_keys or normalised.unknown_fields:
-            self._report_dropped(normalised)
-        event = normalised.event
-        key = event.key
-        if key and not self._dedup.add_if_absent(key):
-            return Admission.DUPLICATE
-        if not self._queue.offer(event):
-            # Not taken, so not seen: the client's retry of this event must go through.
-            if key:
-                self._dedup.forget(key)
-            return Admission.SHUTTING_DOWN if self._queue.closed else Admission.QUEUE_FULL
-        return Admission.ACCEPTED
+    async def _admit(self, valid: list[Normalised]) -> list[Admission]:
+        """Report what validation left out, then dedup every key in one call, then queue
+        each new event. Counting the outcomes is the caller's, so a batch counts once. The
+        report counts for every valid submission (a duplicate or a 503'd event had its keys
+        cut off too), so it comes first."""
+        for normalised in valid:
+            if normalised.dropped_metadata_keys or normalised.unknown_fields:
+                self._report_dropped(normalised)
+        keys = [n.event.key for n in valid if n.event.key]
+        fresh = iter(await self._dedup.add_if_absent_many(keys) if keys else ())
+        # No await from here on: the queue cannot close half-way through the offers.
+        queue, dedup = self._queue, self._dedup
+        admissions = []
+        for normalised in valid:
+            event = normalised.event
+            key = event.key
+            if key and not next(fresh):
+                admissions.append(Admission.DUPLICATE)
+            elif queue.offer(event):
+                admissions.append(Admission.ACCEPTED)
+            else:
+                # Not taken, so not seen: the client's retry of this event must go through.
+                if key:
+                    dedup.forget(key)
+                admissions.append(Admission.SHUTTING_DOWN if queue.closed
+                                  else Admission.QUEUE_FULL)
+        return admissions
 
     def _report_dropped(self, normalised: Normalised) -> None:
         dropped = normalised.dropped_metadata_keys
@@ -281,19 +295,22 @@ class Intake:
         rejected: list[dict[str, object]] = []
         not_taken: list[int] = []
         truncated: list[dict[str, object]] = []
-        # A durable queue: (index, key) of every event offered, to undo if the commit fails.
-        offered: list[tuple[int, bytes]] | None = [] if self._queue.durable else None
+        valid: list[Normalised] = []
+        indexes: list[int] = []  # of each valid event in the request
         received_at = self._clock.wall()
         for index, item in enumerate(items):
             result = self._validate(item, self._validate_event, received_at)
             if isinstance(result, list):
                 rejected.append({"index": index, "errors": [p.as_error() for p in result]})
-                continue
-            admission = self._admit(result)
+            else:
+                valid.append(result)
+                indexes.append(index)
+        # A durable queue: (index, key) of every event offered, to undo if the commit fails.
+        offered: list[tuple[int, bytes]] = []
+        for index, result, admission in zip(indexes, valid, await self._admit(valid)):
             if admission is Admission.ACCEPTED:
                 accepted += 1
-                if offered is not None:
-                    offered.append((index, result.event.key))
+                offered.append((index, result.event.key))
             elif admission is Admission.DUPLICATE:
                 duplicates += 1
             else:
@@ -302,17 +319,17 @@ class Intake:
             if result.dropped_metadata_keys:
                 truncated.append({"index": index,
                                   "dropped_metadata_keys": list(result.dropped_metadata_keys)})
-        # No await between the offers above: the queue cannot close half-way through.
         closed = bool(not_taken) and self._queue.closed
         why_not_taken = SHUTTING_DOWN if closed else "the forwarder's queue is full"
-        if offered is not None and (accepted or duplicates):
+        if self._queue.durable and (accepted or duplicates):
             # One commit for the whole batch, shared with concurrent requests.
             try:
                 await self._queue.commit()
             except QueueUnavailable as exc:
                 # None of this batch's offers is in the log: the client resends exactly
-                # those (not_taken). Duplicates stay answered as such: their first copy
-                # came in an earlier request.
+                # those (not_taken). Duplicates stay answered as such: their first copy is
+                # either settled in an earlier request or one of those not_taken here,
+                # which the client resends.
                 for _, key in offered:
                     if key:
                         self._dedup.forget(key)

@@ -16,9 +16,11 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from forwarder.fake_intercom import FakeIntercom, Fault
+from forwarder.fleet_metrics import FleetMetrics
 from tests.conftest import TOKEN
 
 NOW = 1_700_000_000
@@ -390,6 +392,12 @@ async def test_every_exported_metric_is_documented_in_docs_metrics_md(make_servi
     # The client adds a <counter>_created gauge per counter: bookkeeping, not a metric of ours.
     exported = {name for name in (await scrape(svc)).families
                 if name.startswith(PREFIX) and not name.endswith("_created")}
+    # The fleet's Redis series are exported only with [fleet] redis_url (fleet_metrics.py).
+    assert "intercom_forwarder_fleet_share" in exported
+    assert "intercom_forwarder_fleet_redis_up" not in exported
+    with_redis = CollectorRegistry()
+    FleetMetrics(with_redis, redis=True)
+    exported |= {m.name for m in with_redis.collect() if not m.name.endswith("_created")}
     documented = set(re.findall(r"^\| `(intercom_forwarder_[a-z_]+)`", DOCS.read_text(),
                                 re.MULTILINE))
     # The parser names counter families without their _total suffix.
