@@ -3,14 +3,21 @@ client with its namespace, the budget (FleetBudget, the rate gate's fleet part) 
 dedup window (FleetDedup, in front of this daemon's DedupWindow). Service owns one Fleet,
 starts it before the workers and stops it after them.
 
+While Redis is down, a probe (PING, every RETRY_S) brings the fleet back even when no
+request or send would try Redis: an idle daemon does not report Redis down for hours
+after a blip. At start, one probe says at once (fleet.redis_unavailable) when the URL
+points nowhere.
+
 The namespace is the token's digest at start: a token rotated by SIGHUP keeps this
 daemon in its fleet, since every sidecar of the app rotates at its own moment.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -20,16 +27,18 @@ from .dedup import DedupWindow
 from .fleet_budget import FleetBudget
 from .fleet_dedup import FleetDedup
 from .fleet_metrics import FleetMetrics
-from .fleet_redis import FleetRedis, connect, fleet_namespace
+from .fleet_redis import RETRY_S, FleetRedis, connect, fleet_namespace
 
 log = structlog.get_logger("forwarder.fleet")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Fleet:
     redis: FleetRedis
     budget: FleetBudget
     dedup: FleetDedup
+    clock: Clock
+    _prober: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, config: Config, local_dedup: DedupWindow, *, clock: Clock,
@@ -44,18 +53,34 @@ class Fleet:
                              metrics=metrics, rng=rng)
         dedup = FleetDedup(redis, local_dedup, window_seconds=config.dedup.window_seconds,
                            clock=clock, metrics=metrics)
-        return cls(redis, budget, dedup)
+        return cls(redis, budget, dedup, clock)
 
     async def start(self) -> None:
+        log.info("fleet.enabled", namespace=self.redis.namespace)
+        await self._probe()  # bounded: logs fleet.redis_unavailable now if it is
         await self.budget.start()  # its hold pusher; permits come with the first take()
         await self.dedup.start()  # its forget flusher
-        log.info("fleet.enabled", namespace=self.redis.namespace)
+        self._prober = asyncio.create_task(self._probe_while_down(), name="fleet-probe")
 
     async def stop(self) -> None:
         """Bounded: the dedup's last flush of queued forgets waits on Redis no longer than
         one round trip's bound. The client closes even if a part fails to stop."""
+        prober, self._prober = self._prober, None
+        if prober is not None:
+            prober.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await prober
         try:
             await self.dedup.stop()
             await self.budget.stop()
         finally:
             await self.redis.close()
+
+    async def _probe(self) -> None:
+        await self.redis.call("probe", self.redis.client.ping)
+
+    async def _probe_while_down(self) -> None:
+        while True:
+            await self.clock.sleep(RETRY_S)
+            if not self.redis.up:
+                await self._probe()  # skipped (and cheap) until the retry time

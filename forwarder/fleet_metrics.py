@@ -9,7 +9,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 PREFIX = "intercom_forwarder"
-OPS = ("lease", "hold", "dedup", "forget")
+OPS = ("lease", "hold", "dedup", "forget", "probe")
 RESULTS = ("ok", "error", "timeout", "skipped")
 
 
