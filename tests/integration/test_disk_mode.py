@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import sqlite3
+from collections import Counter
 from pathlib import Path
 
 import aiohttp
 import orjson
 import pytest
 
+from forwarder.deadletter import read_entries
 from forwarder.fake_intercom import FakeIntercom
 from tests.conftest import TOKEN
 from tests.integration.daemon import Daemon, free_port, spawn
@@ -444,4 +447,62 @@ async def test_a_disk_that_refuses_writes_gives_503_and_not_ready_until_it_takes
                               timeout=25)
     finally:
         await daemon.kill()
+        await fake.stop()
+
+
+
+def dead_letter_lines(state: Path) -> Counter[str]:
+    """How many dead-letter lines each user_id has."""
+    return Counter(e.record["event"]["user_id"] for e in read_entries(state))
+
+
+async def test_kill_9_while_dead_letters_wait_for_their_commit_duplicates_one_per_worker(
+        tmp_path):
+    """Steps: Intercom answers 404 (unknown contact) to each of 1,000 events; once they are
+    all queued and some dead-lettered, another process holds queue.db's write lock (as a
+    slow disk would hold the commit); 1 s later SIGKILL; release the lock; restart, and
+    stop cleanly once every event is dead-lettered.
+    Expect: while the commit is held, each worker dead-letters at most one more event
+    (its delete must commit before it takes the next); after the restart every event has
+    one dead-letter line and was sent once, except at most one per worker (the line
+    written, the delete not committed at the kill). Checked that it can fail: without
+    the wait for the commit, every event sent during the hold was resent and
+    dead-lettered twice after the restart (475 and 780 of 1,000 in two runs)."""
+    names = [f"dl{i}" for i in range(1000)]
+    fake = FakeIntercom(token=TOKEN, unknown_contacts=names)
+    await fake.start()
+    state = tmp_path / "state"
+    env = disk_env(FORWARDER_RATE_LIMIT__REQUESTS="500", FORWARDER_RATE_LIMIT__PER_SECONDS="1")
+    daemon = None
+    try:
+        daemon = await start(tmp_path, fake.url, "first", **env)
+        async with aiohttp.ClientSession() as s:
+            for n in range(0, len(names), 100):
+                async with s.post(daemon.url + "/events/batch", data=orjson.dumps(
+                        [event(x) for x in names[n:n + 100]])) as r:
+                    assert (await r.json())["accepted"] == 100
+        await daemon.wait_for(lambda: len(read_entries(state)) >= 20, "20 dead letters")
+        with sqlite3.connect(state / "queue.db", isolation_level=None) as lock:
+            lock.execute("BEGIN IMMEDIATE")  # the daemon's commits wait for this
+            sent_at_hold = len(fake.requests)
+            # Waiting for something not to happen: the workers get 1 s to run on.
+            await asyncio.sleep(1.0)
+            assert len(fake.requests) - sent_at_hold <= 2 * WORKERS
+            await daemon.kill()
+            lock.execute("ROLLBACK")
+        assert len(read_entries(state)) < len(names)  # the kill came mid-way
+
+        daemon = await start(tmp_path, fake.url, "second", **env)
+        await daemon.wait_for(lambda: len(dead_letter_lines(state)) == len(names),
+                              "every event dead-lettered", timeout=30)
+        assert await daemon.terminate() == 0
+        lines = dead_letter_lines(state)
+        sent = Counter(q.json["user_id"] for q in fake.requests)
+        assert set(lines) == set(names) == set(sent)
+        for counts in (lines, sent):
+            twice = [name for name, count in counts.items() if count > 1]
+            assert len(twice) <= WORKERS and max(counts.values()) <= 2, twice
+    finally:
+        if daemon is not None:
+            await daemon.kill()
         await fake.stop()
