@@ -13,6 +13,7 @@ bill against the app's budget).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import random
 import sqlite3
@@ -520,7 +521,8 @@ async def test_kill_9_while_dead_letters_wait_for_their_commit_duplicates_one_pe
                         [event(x) for x in names[n:n + 100]])) as r:
                     assert (await r.json())["accepted"] == 100
         await daemon.wait_for(lambda: len(read_entries(state)) >= 20, "20 dead letters")
-        with sqlite3.connect(state / "queue.db", isolation_level=None) as lock:
+        with contextlib.closing(sqlite3.connect(state / "queue.db", isolation_level=None)
+                                ) as lock:
             lock.execute("BEGIN IMMEDIATE")  # the daemon's commits wait for this
             sent_at_hold = len(fake.requests)
             # Waiting for something not to happen: the workers get 1 s to run on.
