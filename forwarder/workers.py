@@ -357,8 +357,9 @@ class Workers:
 
     async def _await_settled(self) -> None:
         """Wait until the delete is committed before taking the next event, so that at
-        a kill -9 each worker has at most one delivered event still in the log (or one
-        on the wire): a restart resends at most `concurrency` of them. Without the wait
+        a kill -9 each worker has at most one delivered or dead-lettered event still in
+        the log (or one on the wire): a restart resends at most `concurrency` of them
+        (and a dead-lettered one gets a second line). Without the wait
         a worker against a fast Intercom completes dozens of sends during one commit,
         and all of them were sent again (measured: up to 40 of 50 with 4 workers). A
         failing disk is the intake's and /readyz's to report: the delete stays staged
@@ -404,6 +405,11 @@ class Workers:
         self._queue.retry_later(event, delay)
 
     async def _dead_letter(self, event: Event, verdict: Verdict, reason: str) -> None:
+        """The line first, then the delete, committed before the worker takes the next
+        event (as a delivered one's). That order loses nothing: a kill -9 between the two
+        leaves the event in the log, so the restart sends it again and writes a second
+        line (at most one per worker: each waits for its delete). The other order loses
+        the event outright if the kill comes after the delete and before the line."""
         if verdict.outcome is Outcome.DEAD_LETTER:
             event.attempts += 1
         try:
@@ -420,6 +426,8 @@ class Workers:
             self._queue.retry_later(event, self._retry.max_delay_seconds)
             return
         self._dead_lettered(event, verdict, reason)
+        if self._queue.durable:
+            await self._await_settled()
 
     def _dead_lettered(self, event: Event, verdict: Verdict, reason: str) -> None:
         try:  # the event is in the file now: a failure below must not put it back

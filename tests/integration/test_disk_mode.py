@@ -1,7 +1,8 @@
 """Disk mode (issue 13) with a real daemon process, real SIGKILLs and a real SQLite file:
 an event answered 202 survives kill -9 wherever it was (intake, waiting for a retry, the
-401 pause), a delivered one is not sent again, the dedup window survives a restart, and
-a full disk budget is answered 503.
+401 pause), a delivered or dead-lettered one is not sent again (beyond one per worker),
+the dedup window survives a restart, a full disk budget is answered 503, and a damaged
+log at start (torn tail, bad page, newer version) never keeps the daemon down.
 
 Events are told apart by user_id, and the fake Intercom counts what it received, so
 "lost" is an acknowledged user_id never delivered and "resent" is the fake's duplicate
@@ -12,13 +13,19 @@ bill against the app's budget).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import random
+import sqlite3
+from collections import Counter
 from pathlib import Path
 
 import aiohttp
 import orjson
 import pytest
 
+from forwarder.deadletter import read_entries
+from forwarder.disksql import SCHEMA_VERSION
 from forwarder.fake_intercom import FakeIntercom
 from tests.conftest import TOKEN
 from tests.integration.daemon import Daemon, free_port, spawn
@@ -358,13 +365,41 @@ async def test_a_memory_mode_spool_is_committed_into_the_disk_queue_then_removed
         await fake.stop()
 
 
-async def test_a_torn_log_at_start_does_not_stop_the_daemon_and_what_is_readable_is_sent(
-        tmp_path):
+def tear_the_tail(db: Path) -> None:
+    """A torn copy or a disk fault: the file loses its second half."""
+    with open(db, "r+b") as f:
+        f.truncate(db.stat().st_size // 2)
+
+
+def garble_a_middle_page(db: Path) -> None:
+    """A bad sector: the page holding the 500th event overwritten with garbage."""
+    page = db.read_bytes().index(b'"tt500-') // 4096 * 4096
+    with open(db, "r+b") as f:
+        f.seek(page)
+        f.write(random.Random(13).randbytes(4096))
+
+
+def mark_newer_version(db: Path) -> None:
+    """A file a newer release wrote (then a rollback to this one): disklog.py knows its
+    own schema by PRAGMA user_version."""
+    with sqlite3.connect(db, isolation_level=None) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+
+
+@pytest.mark.parametrize("damage, reasons, least_sent", [
+    (tear_the_tail, {"SQLITE_CORRUPT", "quick_check_failed"}, 250),
+    (garble_a_middle_page, {"SQLITE_CORRUPT", "quick_check_failed"}, 950),
+    (mark_newer_version, {"newer_version"}, 1000),
+], ids=["torn_tail", "bad_page", "newer_version"])
+async def test_a_damaged_log_at_start_does_not_stop_the_daemon_and_what_reads_is_sent(
+        tmp_path, damage, reasons, least_sent):
     """Steps: 1,000 events wait in queue.db (Intercom refuses the token); clean stop; the
-    file loses its second half (a torn copy, a disk fault); restart with a good token.
-    Expect: the daemon comes up (no crash loop), logs disklog.damaged, counts it in
-    intercom_forwarder_queue_damaged_logs_total, keeps the damaged file aside, and
-    delivers the events it could read (at least a quarter; none that was not posted)."""
+    file is damaged; restart with a good token.
+    Expect: the daemon comes up (/readyz 200, no crash loop), logs disklog.damaged with
+    the reason, the counts and the path it moved the file to, keeps that file there,
+    counts it in intercom_forwarder_queue_damaged_logs_total, and delivers exactly the
+    events it salvaged (all of them for a newer version; none that was not posted)."""
     fake = FakeIntercom(token="another-token")
     await fake.start()
     daemon = None
@@ -377,20 +412,27 @@ async def test_a_torn_log_at_start_does_not_stop_the_daemon_and_what_is_readable
                 data=orjson.dumps([event(x) for x in names])) as r:
             assert (await r.json())["accepted"] == 1000
         assert await daemon.terminate() == 0
-        db = state / "queue.db"
-        with open(db, "r+b") as f:
-            f.truncate(db.stat().st_size // 2)
+        damage(state / "queue.db")
 
         fake.token = TOKEN
         daemon = await start(tmp_path, fake.url, "second", **disk_env())
-        damaged = await daemon.wait_for_log("disklog.damaged")
-        await daemon.wait_for(lambda: len(fake.delivered) > 250, "the readable part delivered")
+        [damaged] = await daemon.wait_for_log("disklog.damaged")
+        assert damaged["reason"] in reasons and damaged["level"] == "error"
+        salvaged = damaged["salvaged_events"]
+        assert least_sent <= salvaged <= 1000
+        if damage is garble_a_middle_page:  # the rows on that page, and no others, lost
+            assert salvaged + damaged["unreadable"] == 1000 and salvaged < 1000
+        await daemon.wait_for(lambda: len(fake.delivered) >= salvaged, "the salvaged sent")
+        async with aiohttp.ClientSession() as s:
+            async with s.get(daemon.url + "/readyz") as r:
+                assert r.status == 200, await r.text()
+            async with s.get(daemon.url + "/metrics") as r:
+                assert "intercom_forwarder_queue_damaged_logs_total 1.0" in await r.text()
+        assert len(fake.delivered) == salvaged and fake.duplicates == 0
         assert delivered_ids(fake) <= set(names)
-        async with aiohttp.ClientSession() as s, s.get(daemon.url + "/metrics") as r:
-            assert "intercom_forwarder_queue_damaged_logs_total 1.0" in await r.text()
-        aside = [p.name for p in state.iterdir() if p.name.startswith("queue.db.")
-                 and p.name not in ("queue.db-wal", "queue.db-shm")]
-        assert aside and damaged
+        moved_to = Path(damaged["moved_to"])
+        assert moved_to.parent == state and moved_to.name.startswith("queue.db.corrupt-")
+        assert moved_to.stat().st_size > 0  # kept aside, never deleted
     finally:
         if daemon is not None:
             await daemon.kill()
@@ -444,4 +486,63 @@ async def test_a_disk_that_refuses_writes_gives_503_and_not_ready_until_it_takes
                               timeout=25)
     finally:
         await daemon.kill()
+        await fake.stop()
+
+
+
+def dead_letter_lines(state: Path) -> Counter[str]:
+    """How many dead-letter lines each user_id has."""
+    return Counter(e.record["event"]["user_id"] for e in read_entries(state))
+
+
+async def test_kill_9_while_dead_letters_wait_for_their_commit_duplicates_one_per_worker(
+        tmp_path):
+    """Steps: Intercom answers 404 (unknown contact) to each of 1,000 events; once they are
+    all queued and some dead-lettered, another process holds queue.db's write lock (as a
+    slow disk would hold the commit); 1 s later SIGKILL; release the lock; restart, and
+    stop cleanly once every event is dead-lettered.
+    Expect: while the commit is held, each worker dead-letters at most one more event
+    (its delete must commit before it takes the next); after the restart every event has
+    one dead-letter line and was sent once, except at most one per worker (the line
+    written, the delete not committed at the kill). Checked that it can fail: without
+    the wait for the commit, every event sent during the hold was resent and
+    dead-lettered twice after the restart (475 and 780 of 1,000 in two runs)."""
+    names = [f"dl{i}" for i in range(1000)]
+    fake = FakeIntercom(token=TOKEN, unknown_contacts=names)
+    await fake.start()
+    state = tmp_path / "state"
+    env = disk_env(FORWARDER_RATE_LIMIT__REQUESTS="500", FORWARDER_RATE_LIMIT__PER_SECONDS="1")
+    daemon = None
+    try:
+        daemon = await start(tmp_path, fake.url, "first", **env)
+        async with aiohttp.ClientSession() as s:
+            for n in range(0, len(names), 100):
+                async with s.post(daemon.url + "/events/batch", data=orjson.dumps(
+                        [event(x) for x in names[n:n + 100]])) as r:
+                    assert (await r.json())["accepted"] == 100
+        await daemon.wait_for(lambda: len(read_entries(state)) >= 20, "20 dead letters")
+        with contextlib.closing(sqlite3.connect(state / "queue.db", isolation_level=None)
+                                ) as lock:
+            lock.execute("BEGIN IMMEDIATE")  # the daemon's commits wait for this
+            sent_at_hold = len(fake.requests)
+            # Waiting for something not to happen: the workers get 1 s to run on.
+            await asyncio.sleep(1.0)
+            assert len(fake.requests) - sent_at_hold <= 2 * WORKERS
+            await daemon.kill()
+            lock.execute("ROLLBACK")
+        assert len(read_entries(state)) < len(names)  # the kill came mid-way
+
+        daemon = await start(tmp_path, fake.url, "second", **env)
+        await daemon.wait_for(lambda: len(dead_letter_lines(state)) == len(names),
+                              "every event dead-lettered", timeout=30)
+        assert await daemon.terminate() == 0
+        lines = dead_letter_lines(state)
+        sent = Counter(q.json["user_id"] for q in fake.requests)
+        assert set(lines) == set(names) == set(sent)
+        for counts in (lines, sent):
+            twice = [name for name, count in counts.items() if count > 1]
+            assert len(twice) <= WORKERS and max(counts.values()) <= 2, twice
+    finally:
+        if daemon is not None:
+            await daemon.kill()
         await fake.stop()

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import sqlite3
 import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
-from forwarder.clock import FakeClock, SystemClock
+from forwarder.clock import Clock, FakeClock, SystemClock
 from forwarder.disklog import DiskLog, DiskLogError
 from forwarder.disksql import WriteBatch
 from forwarder.event import Event, Route
 
 N_DAMAGED = 3000
+T = TypeVar("T")
 
 
 def ev(n: int, *, log_id: int | None = None, pad: int = 0, route: Route = Route.EVENTS) -> Event:
@@ -35,20 +39,31 @@ def path(tmp_path: Path) -> Path:
     return tmp_path / "state" / "queue.db"
 
 
+@contextlib.asynccontextmanager
+async def started_on(path: Path, cls: Callable[..., T], close: Callable[[T], Awaitable[None]]
+                     ) -> AsyncIterator[Callable[..., Awaitable[T]]]:
+    """A factory for a fixture: each call builds `cls(path, clock, **kwargs)` (a FakeClock
+    unless clock= is given) and starts it; on the way out every one built is closed."""
+    made: list[T] = []
+
+    async def _make(clock: Clock | None = None, **kwargs: Any) -> T:
+        thing = cls(path, clock or FakeClock(), **kwargs)
+        await thing.start()
+        made.append(thing)
+        return thing
+
+    try:
+        yield _make
+    finally:
+        for thing in made:
+            await close(thing)
+
+
 @pytest.fixture
 async def open_log(path: Path):
     """Start DiskLogs on `path` and always close them."""
-    logs: list[DiskLog] = []
-
-    async def _open(**kwargs) -> DiskLog:
-        log = DiskLog(path, kwargs.pop("clock", FakeClock()), **kwargs)
-        await log.start()
-        logs.append(log)
-        return log
-
-    yield _open
-    for log in logs:
-        await log.close()
+    async with started_on(path, DiskLog, DiskLog.close) as make:
+        yield make
 
 
 async def write_events(path: Path, n: int, pad: int = 300) -> None:

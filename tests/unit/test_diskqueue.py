@@ -16,6 +16,7 @@ import pytest
 from forwarder.clock import FakeClock
 from forwarder.diskqueue import DiskQueue, QueueUnavailable
 from forwarder.event import Event, Route
+from tests.unit.test_disklog import started_on
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -48,17 +49,8 @@ def path(tmp_path: Path) -> Path:
 @pytest.fixture
 async def make_queue(path: Path):
     """Start DiskQueues on `path` (FakeClock unless given) and always stop them."""
-    queues: list[DiskQueue] = []
-
-    async def _make(clock=None, **kwargs) -> DiskQueue:
-        queue = DiskQueue(path, clock or FakeClock(), **kwargs)
-        await queue.start()
-        queues.append(queue)
-        return queue
-
-    yield _make
-    for queue in queues:
-        await queue.stop()
+    async with started_on(path, DiskQueue, DiskQueue.stop) as make:
+        yield make
 
 
 async def offer_all(queue: DiskQueue, events: list[Event]) -> None:
