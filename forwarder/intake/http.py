@@ -155,7 +155,9 @@ class Intake:
             if isinstance(result, list):
                 self._count_rejected.inc()
                 return _problems(result)
-            admission = (await self._admit([result]))[0]
+            key = result.event.key
+            new = (await self._dedup.add_if_absent_many((key,)))[0] if key else True
+            admission = self._admit(result, new)
             if admission is Admission.SHUTTING_DOWN:
                 return _unavailable(SHUTTING_DOWN)
             if self._queue.durable and admission is not Admission.QUEUE_FULL:
@@ -236,33 +238,22 @@ class Intake:
             return [item]
         return validate(item, received_at)
 
-    async def _admit(self, valid: list[Normalised]) -> list[Admission]:
-        """Report what validation left out, then dedup every key in one call, then queue
-        each new event. Counting the outcomes is the caller's, so a batch counts once. The
-        report counts for every valid submission (a duplicate or a 503'd event had its keys
-        cut off too), so it comes first."""
-        for normalised in valid:
-            if normalised.dropped_metadata_keys or normalised.unknown_fields:
-                self._report_dropped(normalised)
-        keys = [n.event.key for n in valid if n.event.key]
-        fresh = iter(await self._dedup.add_if_absent_many(keys) if keys else ())
-        # No await from here on: the queue cannot close half-way through the offers.
-        queue, dedup = self._queue, self._dedup
-        admissions = []
-        for normalised in valid:
-            event = normalised.event
-            key = event.key
-            if key and not next(fresh):
-                admissions.append(Admission.DUPLICATE)
-            elif queue.offer(event):
-                admissions.append(Admission.ACCEPTED)
-            else:
-                # Not taken, so not seen: the client's retry of this event must go through.
-                if key:
-                    dedup.forget(key)
-                admissions.append(Admission.SHUTTING_DOWN if queue.closed
-                                  else Admission.QUEUE_FULL)
-        return admissions
+    def _admit(self, normalised: Normalised, new: bool) -> Admission:
+        """Report what validation left out, then the dedup's verdict (new: the key was not
+        in the window, or the event has none), then queue. Counting the outcome is the
+        caller's, so a batch counts once. The report counts for every valid submission (a
+        duplicate or a 503'd event had its keys cut off too), so it comes first."""
+        if normalised.dropped_metadata_keys or normalised.unknown_fields:
+            self._report_dropped(normalised)
+        if not new:
+            return Admission.DUPLICATE
+        event = normalised.event
+        if not self._queue.offer(event):
+            # Not taken, so not seen: the client's retry of this event must go through.
+            if event.key:
+                self._dedup.forget(event.key)
+            return Admission.SHUTTING_DOWN if self._queue.closed else Admission.QUEUE_FULL
+        return Admission.ACCEPTED
 
     def _report_dropped(self, normalised: Normalised) -> None:
         dropped = normalised.dropped_metadata_keys
@@ -305,9 +296,14 @@ class Intake:
             else:
                 valid.append(result)
                 indexes.append(index)
+        # The dedup: one call for the whole request (with a fleet: one Redis round trip).
+        keys = [n.event.key for n in valid if n.event.key]
+        fresh = iter(await self._dedup.add_if_absent_many(keys) if keys else ())
         # A durable queue: (index, key) of every event offered, to undo if the commit fails.
+        # No await from here to the commit: the queue cannot close half-way through.
         offered: list[tuple[int, bytes]] = []
-        for index, result, admission in zip(indexes, valid, await self._admit(valid)):
+        for index, result in zip(indexes, valid):
+            admission = self._admit(result, next(fresh) if result.event.key else True)
             if admission is Admission.ACCEPTED:
                 accepted += 1
                 offered.append((index, result.event.key))
