@@ -9,6 +9,7 @@ collectors (memory, CPU, open fds, GC, interpreter version), read from /proc at 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 from prometheus_client import (
     CollectorRegistry,
@@ -89,104 +90,64 @@ class Metrics:
             ["outcome"],  # accepted | duplicate | rejected | queue_full
             registry=r,
         )
-        self.metadata_keys_dropped = Counter(
-            f"{PREFIX}_metadata_keys_dropped",
-            "Metadata keys beyond Intercom's 10-key limit that were dropped",
-            registry=r,
-        )
-        self.unknown_fields_dropped = Counter(
-            f"{PREFIX}_unknown_fields_dropped",
-            "Unknown top-level event fields dropped at the intake",
-            registry=r,
-        )
-        self.events_forwarded = Counter(
-            f"{PREFIX}_events_forwarded",
+        # Every metric below is intercom_forwarder_<name> (prometheus_client's namespace).
+        counter = partial(Counter, namespace=PREFIX, registry=r)
+        gauge = partial(Gauge, namespace=PREFIX, registry=r)
+        histogram = partial(Histogram, namespace=PREFIX, registry=r)
+        self.metadata_keys_dropped = counter(
+            "metadata_keys_dropped",
+            "Metadata keys beyond Intercom's 10-key limit that were dropped")
+        self.unknown_fields_dropped = counter(
+            "unknown_fields_dropped", "Unknown top-level event fields dropped at the intake")
+        self.events_forwarded = counter(
+            "events_forwarded",
             "Forwarding results: delivered, retried (a retry scheduled) or dead_lettered",
-            ["result", "reason"],
-            registry=r,
-        )
-        self.queue_depth = Gauge(
-            f"{PREFIX}_queue_depth", "Events ready to send, waiting in the queue", registry=r
-        )
-        self.retry_waiting = Gauge(
-            f"{PREFIX}_retry_waiting", "Events waiting for their retry time", registry=r
-        )
-        self.events_held = Gauge(
-            f"{PREFIX}_events_held",
+            ["result", "reason"])
+        self.queue_depth = gauge("queue_depth", "Events ready to send, waiting in the queue")
+        self.retry_waiting = gauge("retry_waiting", "Events waiting for their retry time")
+        self.events_held = gauge(
+            "events_held",
             "Accepted events not yet settled: queued, waiting for a retry, at the rate gate, "
-            "on the wire, or held by the auth probe",
-            registry=r,
-        )
-        self.upstream_requests = Counter(
-            f"{PREFIX}_upstream_requests",
+            "on the wire, or held by the auth probe")
+        self.upstream_requests = counter(
+            "upstream_requests",
             "Requests sent to Intercom, by HTTP status (or 'error' for network failures)",
-            ["status"],
-            registry=r,
-        )
-        self.upstream_latency = Histogram(
-            f"{PREFIX}_upstream_latency_seconds",
-            "Latency of requests to Intercom",
-            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
-            registry=r,
-        )
-        self.rate_limit_wait = Counter(
-            f"{PREFIX}_rate_limit_wait_seconds",
-            "Time workers spent waiting on the rate limit",
-            registry=r,
-        )
-        self.rate_limited = Counter(
-            f"{PREFIX}_rate_limited",
-            "429 Too Many Requests answers from Intercom",
-            registry=r,
-        )
-        self.paused = Gauge(
-            f"{PREFIX}_paused",
-            "1 while forwarding is paused because Intercom refused the token (401/403)",
-            registry=r,
-        )
-        self.proxy_reads = Counter(
-            f"{PREFIX}_proxy_reads",
-            "GET /events reads served through the daemon, by the status it answered",
-            ["status"],
-            registry=r,
-        )
-        self.spool_loaded = Gauge(
-            f"{PREFIX}_spool_loaded_events",
-            "Events reloaded from the spool when the daemon started",
-            registry=r,
-        )
+            ["status"])
+        self.upstream_latency = histogram(
+            "upstream_latency_seconds", "Latency of requests to Intercom",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
+        self.rate_limit_wait = counter(
+            "rate_limit_wait_seconds", "Time workers spent waiting on the rate limit")
+        self.rate_limited = counter("rate_limited", "429 Too Many Requests answers from Intercom")
+        self.paused = gauge(
+            "paused", "1 while forwarding is paused because Intercom refused the token (401/403)")
+        self.proxy_reads = counter(
+            "proxy_reads",
+            "GET /events reads served through the daemon, by the status it answered", ["status"])
+        self.spool_loaded = gauge(
+            "spool_loaded_events", "Events reloaded from the spool when the daemon started")
 
         # Disk mode (issue 13). Absent work reads 0: in memory mode these stay 0.
-        self.queue_disk_bytes = Gauge(
-            f"{PREFIX}_queue_disk_bytes",
+        self.queue_disk_bytes = gauge(
+            "queue_disk_bytes",
             "Disk mode: bytes the queue's log holds (live pages and WAL), what "
-            "queue.max_disk_bytes bounds",
-            registry=r,
-        )
-        self.queue_disk_events = Gauge(
-            f"{PREFIX}_queue_disk_events",
-            "Disk mode: accepted events in the log, not yet delivered or dead-lettered",
-            registry=r,
-        )
-        self.queue_commit_latency = Histogram(
-            f"{PREFIX}_queue_commit_latency_seconds",
+            "queue.max_disk_bytes bounds")
+        self.queue_disk_events = gauge(
+            "queue_disk_events",
+            "Disk mode: accepted events in the log, not yet delivered or dead-lettered")
+        self.queue_commit_latency = histogram(
+            "queue_commit_latency_seconds",
             "Disk mode: from a write's submission to its commit (what a 202 waits for)",
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
-            registry=r,
-        )
-        self.queue_events_per_commit = Histogram(
-            f"{PREFIX}_queue_events_per_commit",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
+        self.queue_events_per_commit = histogram(
+            "queue_events_per_commit",
             "Disk mode: events inserted by one commit (group commit: concurrent requests "
             "share one)",
-            buckets=(1, 2, 5, 10, 25, 50, 100, 250, 1000, 5000),
-            registry=r,
-        )
-        self.queue_damaged_logs = Counter(
-            f"{PREFIX}_queue_damaged_logs",
+            buckets=(1, 2, 5, 10, 25, 50, 100, 250, 1000, 5000))
+        self.queue_damaged_logs = counter(
+            "queue_damaged_logs",
             "Disk mode: damaged logs found at start, moved aside after what could be read "
-            "was kept",
-            registry=r,
-        )
+            "was kept")
         # The standard runtime metrics (the deploy docs size memory limits with
         # process_resident_memory_bytes). Their own names, not intercom_forwarder_*.
         ProcessCollector(registry=r)

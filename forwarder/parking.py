@@ -1,11 +1,11 @@
 """Parked take() calls of a queue, and the one of them that watches the clock.
 
-EventQueue's waiting scheme as a piece of its own (DiskQueue uses it; EventQueue keeps
-its inline copy until it is moved over): a take() that finds nothing parks on a future
-of its own, so 32 idle workers are 32 futures and no tasks. When the queue knows a time
-at which something becomes takeable (a retry due), exactly one parked take() is the
-timekeeper: it also sleeps on the injected clock until then, in a sleep it owns and
-cancels itself, so there is never more than one timer and none outlives its take().
+The waiting scheme both queues share (EventQueue in memory, DiskQueue on disk): a take()
+that finds nothing parks on a future of its own, so 32 idle workers are 32 futures and
+no tasks. When the queue knows a time at which something becomes takeable (a retry
+due), exactly one parked take() is the timekeeper: it also sleeps on the injected clock
+until then, in a sleep it owns and cancels itself, so there is never more than one timer
+and none outlives its take().
 
 The queue decides what is takeable; Parking only parks and wakes. A take() cancelled
 after being woken calls the queue's kick, so that the wake-up (or the timer it held) is
@@ -28,13 +28,16 @@ class Parking:
     def __init__(self, clock: Clock, kick: Callable[[], None]):
         self._clock = clock
         self._kick = kick  # the queue's "wake someone if there is work nobody was woken for"
-        self._getters: deque[asyncio.Future[None]] = deque()
+        # The parked futures, oldest first. Public so that a queue's hot path can test it
+        # for emptiness as a plain deque (no Python call, ~30 ns an offer); only Parking
+        # changes it.
+        self.parked: deque[asyncio.Future[None]] = deque()
         self._keeper: asyncio.Future[None] | None = None
         self._keeper_due = math.inf
 
     def __bool__(self) -> bool:
         """True while a take() is parked."""
-        return bool(self._getters)
+        return bool(self.parked)
 
     @property
     def has_timekeeper(self) -> bool:
@@ -44,7 +47,7 @@ class Parking:
         """Wait until woken; if deadline (monotonic) is given and no take() watches the
         clock yet, also until then."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._getters.append(fut)
+        self.parked.append(fut)
         timer: asyncio.Future[None] | None = None
         try:
             if deadline is not None and self._keeper is None:
@@ -67,12 +70,12 @@ class Parking:
         keeper = self._keeper
         if keeper is not None and deadline is not None and deadline < self._keeper_due \
                 and not keeper.done():
-            self._getters.remove(keeper)
+            self.parked.remove(keeper)
             keeper.set_result(None)
 
     def wake_one(self) -> None:
         """Wake one parked take(), the timekeeper last (it is watching the clock)."""
-        getters = self._getters
+        getters = self.parked
         for fut in getters:
             if fut is not self._keeper and not fut.done():
                 break
@@ -90,5 +93,5 @@ class Parking:
             self._keeper, self._keeper_due = None, math.inf
         if not fut.done():
             fut.cancel()
-        if fut in self._getters:
-            self._getters.remove(fut)
+        if fut in self.parked:
+            self.parked.remove(fut)

@@ -4,13 +4,12 @@ Intake offers, workers take. Accepted events are never dropped here: the bound a
 only to offer(), which intake turns into a 503; retries, requeues and the spool reload
 always go in, because those events were already accepted.
 
-Waiting: a take() that finds nothing ready parks on a future of its own (32 idle workers
-are 32 futures, no tasks). When retries are waiting in the delay heap, exactly one parked
-take() is the "timekeeper": it also sleeps on the injected clock until the heap's head is
-due, in a sleep task it owns and cancels itself, so there is never more than one timer,
-never a task per event and no task outlives the take() that made it. Something that
-arrives sooner (offer, requeue_front, an earlier retry_later) wakes a parked take() at
-once.
+Waiting is parking.py's, shared with DiskQueue: a take() that finds nothing ready parks
+on a future of its own (32 idle workers are 32 futures, no tasks). When retries are
+waiting in the delay heap, exactly one parked take() is the timekeeper and also sleeps
+until the heap's head is due, so there is never more than one timer and never a task
+per event. Something that arrives sooner (offer, requeue_front, an earlier retry_later)
+wakes a parked take() at once.
 
 Storage: a queued event is one bytes object, a packed header (first_received_at, due,
 attempts, route, key length) followed by the key and the body, not an Event.
@@ -30,16 +29,15 @@ wake-up (and the timekeeper role) on, so no event is left sitting with everyone 
 
 from __future__ import annotations
 
-import asyncio
 import heapq
 import itertools
-import math
 import struct
 from collections import deque
 from collections.abc import Iterable
 
 from forwarder.clock import Clock
 from forwarder.event import Event, Route
+from forwarder.parking import Parking
 
 _ROUTES = tuple(Route)
 _ROUTE_INDEX = {route: i for i, route in enumerate(_ROUTES)}
@@ -88,9 +86,8 @@ class EventQueue:
         self._ready: deque[Packed] = deque()
         self._delayed: list[tuple[float, int, Packed]] = []  # (due, seq, event): FIFO per due
         self._seq = itertools.count()
-        self._getters: deque[asyncio.Future[None]] = deque()  # parked take() calls
-        self._timekeeper: asyncio.Future[None] | None = None
-        self._timer_due = math.inf
+        self._parking = Parking(clock, self._kick)
+        self._parked = self._parking.parked  # tested on every offer and take
         self._closed = False
 
     def __len__(self) -> int:
@@ -140,8 +137,8 @@ class EventQueue:
         if len(ready) + len(self._delayed) >= self._max_events or self._closed:
             return False
         ready.append(_pack(event))
-        if self._getters:
-            self._wake_one()
+        if self._parked:
+            self._parking.wake_one()
         return True
 
     def restore(self, events: Iterable[Event]) -> None:
@@ -151,29 +148,25 @@ class EventQueue:
             event.due = 0.0
             self._ready.append(_pack(event))
         for _ in range(len(self._ready) - before):
-            if not self._getters:
+            if not self._parked:
                 break
-            self._wake_one()
+            self._parking.wake_one()
 
     def retry_later(self, event: Event, delay_s: float) -> None:
         """Hold an accepted event until delay_s from now; always succeeds."""
         due = self._clock.monotonic() + max(0.0, delay_s)
         event.due = due
         heapq.heappush(self._delayed, (due, next(self._seq), _pack(event)))
-        if due < self._timer_due:
-            keeper = self._timekeeper
-            if keeper is not None:
-                if not keeper.done():  # re-arm for the sooner deadline
-                    self._getters.remove(keeper)
-                    keeper.set_result(None)
-            elif self._getters:  # nobody is watching the clock yet
-                self._wake_one()
+        if self._parking.has_timekeeper:
+            self._parking.rearm(due)  # it sleeps anew only if this one is due sooner
+        elif self._parked:  # nobody is watching the clock yet
+            self._parking.wake_one()
 
     def requeue_front(self, event: Event) -> None:
         """Put an event back at the head of the ready queue (a 429 or an auth pause)."""
         self._ready.appendleft(_pack(event))
-        if self._getters:
-            self._wake_one()
+        if self._parked:
+            self._parking.wake_one()
 
     async def take(self) -> Event:
         """The next ready event, waiting (on the clock for retries) until there is one."""
@@ -182,10 +175,10 @@ class EventQueue:
                 self._promote_due()
             if self._ready:
                 event = _unpack(self._ready.popleft())
-                if self._getters:
+                if self._parked:
                     self._kick()  # pass the baton: more ready, or the timer to hold
                 return event
-            await self._park()
+            await self._parking.park(self._delayed[0][0] if self._delayed else None)
 
     def take_all(self) -> list[Event]:
         """Remove and return every event: ready ones in order, then retries by due time."""
@@ -204,56 +197,7 @@ class EventQueue:
         while delayed and delayed[0][0] <= now:
             self._ready.append(heapq.heappop(delayed)[2])
 
-    async def _park(self) -> None:
-        """Wait until woken, or, as the timekeeper, until the earliest retry is due."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._getters.append(fut)
-        timer: asyncio.Future[None] | None = None
-        try:
-            if self._delayed and self._timekeeper is None:
-                self._timekeeper = fut
-                self._timer_due = due = self._delayed[0][0]
-                timer = asyncio.ensure_future(self._clock.sleep(due - self._clock.monotonic()))
-                await asyncio.wait((fut, timer), return_when=asyncio.FIRST_COMPLETED)
-                if timer.done():
-                    timer.result()  # surface a failing clock instead of spinning
-            else:
-                await fut
-        except BaseException:
-            self._leave(fut, timer)
-            self._kick()  # a wake-up or the timer we held must not die with us
-            raise
-        self._leave(fut, timer)
-
-    def _leave(self, fut: asyncio.Future[None], timer: asyncio.Future[None] | None) -> None:
-        if timer is not None and not timer.done():
-            timer.cancel()
-        if self._timekeeper is fut:
-            self._timekeeper = None
-            self._timer_due = math.inf
-        if not fut.done():
-            fut.cancel()
-        try:
-            self._getters.remove(fut)
-        except ValueError:
-            pass  # already removed by whoever woke it
-
     def _kick(self) -> None:
         """Wake a parked take() if there is work nobody has been woken for."""
-        if self._getters and (self._ready or (self._delayed and self._timekeeper is None)):
-            self._wake_one()
-
-    def _wake_one(self) -> None:
-        """Wake one parked take(), preferring one that is not holding the retry timer."""
-        keeper = self._timekeeper
-        chosen = None
-        for fut in self._getters:
-            if not fut.done() and fut is not keeper:
-                chosen = fut
-                break
-        if chosen is None:
-            if keeper is None or keeper.done() or keeper not in self._getters:
-                return
-            chosen = keeper
-        self._getters.remove(chosen)
-        chosen.set_result(None)
+        if self._parked and (self._ready or (self._delayed and not self._parking.has_timekeeper)):
+            self._parking.wake_one()
