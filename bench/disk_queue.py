@@ -359,8 +359,9 @@ def report(args: argparse.Namespace, summary: dict, back: dict | None, env: dict
             f" {mb(reopen['rss_after_10k'])} |",
             f"| memory mode, the same backlog in an EventQueue: RSS | {mb(memory['rss'])} |",
         ]
-    lines += ["", "Ratios are disk / memory events per second; targets (issue 13) are"
-              " about the HTTP-level figures, which the wiring will add.", MARKERS[1], ""]
+    lines += ["", "Ratios are disk / memory events per second; the targets (issue 13) are"
+              " judged on the HTTP-level figures of the next section (bench/disk_http.py).",
+              MARKERS[1], ""]
     return "\n".join(lines)
 
 
