@@ -47,7 +47,7 @@ from pathlib import Path
 
 import ab_intake as ab
 import run_intake as ri
-from disk_queue import machine
+from disk_queue import machine, publish
 
 RESULTS_JSON = ri.BENCH / "results-disk-http.json"
 MARKERS = ("<!-- disk-http:start -->", "<!-- disk-http:end -->")
@@ -463,12 +463,9 @@ def main() -> None:
         summary = summarise(runs, args.rounds) if runs else None
         back = backlog(args, daemons) if args.backlog else None
     env = machine()
-    text = report(args, summary, back, env, command)
-    print(text)
-    RESULTS_JSON.write_text(json.dumps({"machine": env, "runs": runs, "summary": summary,
-                                        "backlog": back}, indent=1, default=str))
-    if not args.no_write and not args.quick:
-        ri.write_section(text, markers=MARKERS)
+    publish(report(args, summary, back, env, command), MARKERS, RESULTS_JSON,
+            {"machine": env, "runs": runs, "summary": summary, "backlog": back},
+            write=not args.no_write and not args.quick)
 
 
 if __name__ == "__main__":
