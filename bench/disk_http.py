@@ -54,6 +54,9 @@ MARKERS = ("<!-- disk-http:start -->", "<!-- disk-http:end -->")
 TARGETS = ("memory", "normal", "full")
 BATCH = 100
 MIB = 1 << 20
+NOTE_BACKLOG = ("The RSS at the first event is before the dedup window is reloaded (the workers"
+                " start first); what /readyz adds is that window, dedup.max_keys (1,000,000)"
+                " keys of the backlog's day. The intake opens once it is loaded.")
 METRICS = ("intercom_forwarder_queue_events_per_commit_sum",
            "intercom_forwarder_queue_events_per_commit_count",
            "intercom_forwarder_queue_commit_latency_seconds_sum",
@@ -400,6 +403,7 @@ def report(args: argparse.Namespace, summary: dict | None, back: dict | None, en
                  " / ".join(f"{med(k) * MIB / 1e6:.0f}" for k in (
                      "rss_first_mib", "rss_ready_mib", "rss_settled_mib", "rss_peak_mib")),
                  f"{mine[0]['dedup_loaded'] or 0:,}"])
+        lines += ["", NOTE_BACKLOG]
         head = [x for x in back["starts"] if x["label"] == "HEAD"]
         peak = max(x["rss_peak_mib"] for x in head) * MIB / 1e6
         first = max(x["first_forward_s"] for x in head)
