@@ -54,9 +54,12 @@ def worktree(ref: str, where: Path) -> Path:
     return where
 
 
-def start(tree: Path, loop: str, config: Path | None, port: int,
-          workdir: Path) -> subprocess.Popen:
-    env = ri.python_env(loop)
+def spawn(tree: Path, loop: str, config: Path | None, port: int, workdir: Path,
+          env_extra: dict[str, str] | None = None) -> tuple[subprocess.Popen, Path]:
+    """The daemon of `tree` (or the bare handler: config None) on the server's CPU, not
+    waited for; env_extra sets FORWARDER_* variables, e.g. the queue type. Returns the
+    process and its log file."""
+    env = ri.python_env(loop) | (env_extra or {})
     # The worktree's forwarder package comes first on sys.path: cwd is not the repo, and
     # PYTHONPATH precedes the dev venv's editable install.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
@@ -71,6 +74,13 @@ def start(tree: Path, loop: str, config: Path | None, port: int,
     with open(log, "wb") as out:
         proc = subprocess.Popen([*ri.pin(ri.SERVER_CPU), *argv], cwd=workdir, env=env,
                                 stdout=out, stderr=out)
+    return proc, log
+
+
+def start(tree: Path, loop: str, config: Path | None, port: int, workdir: Path,
+          env_extra: dict[str, str] | None = None) -> subprocess.Popen:
+    """spawn(), then wait until it listens."""
+    proc, log = spawn(tree, loop, config, port, workdir, env_extra)
     ri.wait_port(port, proc, log)
     return proc
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 import struct
 from array import array
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
 
 from forwarder.clock import Clock
@@ -173,6 +173,46 @@ class DedupWindow:
         gen.keys.append(k)
         where = self._where
         where[k] = gen.expires_at
+        if len(where) > self._max_keys:
+            self._evict_oldest(len(where) - self._max_keys)
+
+    def add_aged_many(self, pairs: Iterable[tuple[bytes, float]], now_wall: float) -> None:
+        """add_aged(key, now_wall - added_at) for every (key, added_at) pair (added_at in
+        wall-clock seconds, as the disk queue and dedup.keys keep them), oldest first, with
+        the same answers, in one pass: a start reloads 1e6 keys in a fraction of add_aged's
+        ~2 s, which the intake waits for. What makes it cheaper: the clock is read, expiry
+        checked and the current generation looked up once, not per key; and the count
+        bound evicts once at the end, the same oldest keys as per-key eviction would (it
+        takes from the front, the new keys go to the back)."""
+        now = self._clock.monotonic()
+        gens = self._gens
+        if gens and gens[0].expires_at <= now:
+            self._expire(now)
+        where = self._where
+        window, width = self._window_s, self._width_s
+        gen = gens[-1] if gens else None
+        # The newest generation's fields in locals; a key joins it while added < closes_at.
+        closes_at = gen.closes_at if gen is not None else float("-inf")
+        append = gen.keys.append if gen is not None else None
+        expires_at = gen.expires_at if gen is not None else 0.0
+        for key, added_at in pairs:
+            age = now_wall - added_at  # add_aged's arithmetic, so the answers are the same
+            added = now - age if age > 0.0 else now
+            if added + window <= now:
+                continue  # its window has passed
+            k = _first_u64(key)[0]
+            if k in where:  # rare: a key twice in the input, or already remembered
+                self.forget(key)
+                if gen is not None:
+                    append = gen.keys.append  # forget() may have compacted gen's array
+            if added >= closes_at:
+                closes_at = added + width
+                gen = _Generation(closes_at, closes_at + window)
+                gens.append(gen)
+                append = gen.keys.append
+                expires_at = gen.expires_at
+            append(k)
+            where[k] = expires_at
         if len(where) > self._max_keys:
             self._evict_oldest(len(where) - self._max_keys)
 

@@ -448,8 +448,7 @@ class Service:
         now = self.clock.wall()
         count = 0
         async for chunk in self.queue.load_keys(since_wall=now - window):
-            for key, added_at in chunk:
-                self.dedup.add_aged(key, now - added_at)
+            self.dedup.add_aged_many(chunk, now)  # in arrival order: oldest first
             count += len(chunk)
         if count:
             log.info("dedup.loaded", keys=count, source="disk_queue")
@@ -458,8 +457,7 @@ class Service:
         """Memory mode's window, written at the last clean stop (dedupfile.py)."""
         now = self.clock.wall()
         pairs = read_keys(self._dedup_file)
-        for key, added_at in pairs:
-            self.dedup.add_aged(key, now - added_at)
+        self.dedup.add_aged_many(pairs, now)  # the file is oldest first (items())
         if pairs:
             log.info("dedup.loaded", keys=len(pairs), source=str(self._dedup_file))
         # Its keys are in memory now; the next stop writes the window again. Left behind,

@@ -319,3 +319,114 @@ def test_items_give_back_every_key_with_its_age_for_a_reload(clock):
     # and the window's own rounding); key(2) a whole window.
     clock.advance(30.0 + 2 * 60 / GENERATIONS)
     assert not reloaded.contains(key(1)) and reloaded.contains(key(2))
+
+
+# add_aged_many: the bulk reload a start does (issue 13), one call per chunk of keys.
+
+
+def per_key_and_bulk(clock: FakeClock, window_s: float, max_keys: int,
+                     pairs: list[tuple[bytes, float]], chunk: int = 0,
+                     ) -> tuple[DedupWindow, DedupWindow]:
+    """Two windows loaded with the same (key, wall time added) pairs: one by add_aged per
+    key (the reference), one by add_aged_many (in chunks of `chunk`, 0: one call)."""
+    now = clock.wall()
+    one, bulk = DedupWindow(window_s, max_keys, clock), DedupWindow(window_s, max_keys, clock)
+    for k, added_at in pairs:
+        one.add_aged(k, now - added_at)
+    step = chunk or len(pairs) or 1
+    for i in range(0, len(pairs), step):
+        bulk.add_aged_many(pairs[i:i + step], now)
+    return one, bulk
+
+
+def assert_same_answers(clock: FakeClock, one: DedupWindow, bulk: DedupWindow,
+                        keys: list[bytes], until_s: float) -> None:
+    """contains() and len() agree for every key, now and at every step until until_s."""
+    elapsed = 0.0
+    while True:
+        assert [one.contains(k) for k in keys] == [bulk.contains(k) for k in keys], elapsed
+        assert len(one) == len(bulk), elapsed
+        if elapsed >= until_s:
+            return
+        clock.advance(0.25)
+        elapsed += 0.25
+
+
+def aged_pairs(clock: FakeClock, ages: list[float]) -> list[tuple[bytes, float]]:
+    now = clock.wall()
+    return [(key(n), now - age) for n, age in enumerate(ages)]
+
+
+def test_a_bulk_load_expires_each_key_as_add_aged_does(clock):
+    """Ages spread over the whole window and past it, oldest first, plus keys stamped
+    by a clock that was ahead (negative age): each is forgotten at the same instant."""
+    ages = [61.0, 60.0, 59.9] + [60 - i * 0.37 for i in range(1, 160)] + [-5.0, -0.1]
+    pairs = aged_pairs(clock, ages)
+    one, bulk = per_key_and_bulk(clock, 60, 1000, pairs)
+    assert not bulk.contains(key(0)) and not bulk.contains(key(1))  # window passed
+    assert bulk.contains(key(2)) and bulk.contains(key(len(ages) - 1))
+    assert_same_answers(clock, one, bulk, [k for k, _ in pairs], until_s=62.0)
+    assert len(bulk) == 0
+
+
+def test_a_bulk_load_past_max_keys_keeps_the_newest_keys(clock):
+    pairs = aged_pairs(clock, [50 - i * 0.1 for i in range(300)])
+    one, bulk = per_key_and_bulk(clock, 60, 100, pairs)
+    assert len(bulk) == 100
+    assert [bulk.contains(k) for k, _ in pairs] == [False] * 200 + [True] * 100
+    assert_same_answers(clock, one, bulk, [k for k, _ in pairs], until_s=12.0)
+
+
+def test_a_bulk_load_in_chunks_answers_as_one_call_and_as_add_aged(clock):
+    """The disk queue hands keys over in chunks: the later chunks join the generation
+    the earlier ones left open, and the count bound holds across them."""
+    pairs = aged_pairs(clock, [59 - i * 0.05 for i in range(1000)])
+    one, chunked = per_key_and_bulk(clock, 60, 700, pairs, chunk=64)
+    _, whole = per_key_and_bulk(clock, 60, 700, pairs)
+    keys = [k for k, _ in pairs]
+    assert [chunked.contains(k) for k in keys] == [whole.contains(k) for k in keys]
+    assert_same_answers(clock, one, chunked, keys, until_s=60.0)
+
+
+def test_keys_repeated_or_already_held_count_once_as_with_add_aged(clock):
+    """A key twice in the input, or already in the window (the window held it before the
+    load): remembered once, from its newest time, as add_aged's forget-then-add does."""
+    pairs = aged_pairs(clock, [50.0, 40.0, 30.0])
+    pairs += [(key(0), clock.wall() - 10.0), (key(1), clock.wall() - 5.0)]
+    one, bulk = per_key_and_bulk(clock, 60, 3, pairs)
+    assert len(bulk) == 3
+    bulk.add_aged_many([(key(2), clock.wall())], clock.wall())  # already held: restarts
+    one.add_aged(key(2), 0.0)
+    assert_same_answers(clock, one, bulk, [key(n) for n in range(3)], until_s=61.0)
+
+
+def test_a_bulk_loaded_key_can_be_forgotten_and_added_again(clock):
+    """The intake forgets a refused event's key and a dead letter's key: keys from a bulk
+    load must be forgettable like any other."""
+    window = DedupWindow(60, 100, clock)
+    window.add_aged_many(aged_pairs(clock, [30.0, 20.0, 10.0]), clock.wall())
+    window.forget(key(1))
+    assert not window.contains(key(1)) and window.contains(key(0)) and len(window) == 2
+    assert window.add_if_absent(key(1)) and not window.add_if_absent(key(2))
+    clock.advance(51.0 + 60 / GENERATIONS)
+    assert window.contains(key(1)) and not window.contains(key(2))
+
+
+def test_a_bulk_load_then_many_forgets_stays_bounded(clock):
+    """forget() counts stale entries in the bulk-built generations and compacts them, as
+    in windows built key by key."""
+    window = DedupWindow(60, 10_000, clock)
+    window.add_aged_many(aged_pairs(clock, [30.0] * 5000), clock.wall())
+    for n in range(4990):
+        window.forget(key(n))
+    assert len(window) == 10
+    assert sum(len(g.keys) - g.cursor for g in window._gens) < 200
+
+
+def test_a_bulk_load_of_one_key_again_and_again_holds_no_more_memory(clock):
+    """Each repeat leaves a stale entry that is counted, so the arrays get compacted."""
+    window = DedupWindow(60, 10_000, clock)
+    now = clock.wall()
+    window.add_aged_many([(key(n % 10), now - 30.0) for n in range(10_000)], now)
+    assert len(window) == 10
+    assert sum(len(g.keys) - g.cursor for g in window._gens) < 200
