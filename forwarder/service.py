@@ -20,7 +20,7 @@ import signal
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 import structlog
 
@@ -30,7 +30,6 @@ from .deadletter import DeadLetterFile
 from .dedup import DedupWindow
 from .dedupfile import read_keys, write_keys
 from .diskqueue import DiskQueue
-from .fleet import Fleet
 from .fleet_metrics import FleetMetrics
 from .intake.http import Intake
 from .intake.listen import Listener
@@ -46,6 +45,9 @@ from .spool import Spool, SpoolWriteError
 from .statedir import StateDirLock
 from .upstream import UpstreamClient
 from .workers import Workers
+
+if TYPE_CHECKING:
+    from .fleet import Fleet
 
 log = structlog.get_logger("forwarder.service")
 
@@ -99,8 +101,13 @@ class Service:
         # The share gauge always; the Redis series with a Redis only (fleet_metrics.py).
         with_redis = bool(config.fleet.redis_url) and bool(config.intercom.access_token)
         self.fleet_metrics = FleetMetrics(self.metrics.registry, redis=with_redis)
-        self.fleet = (Fleet.build(config, self.dedup, clock=self.clock, rng=self._rng,
-                                  metrics=self.fleet_metrics) if with_redis else None)
+        self.fleet: Fleet | None = None
+        if with_redis:
+            # Imported here: redis-py adds ~7 MB of resident memory to a daemon that
+            # never talks to Redis (bench/disk_http.py's 1e6 backlog: 156 -> 149 MB).
+            from .fleet import Fleet
+            self.fleet = Fleet.build(config, self.dedup, clock=self.clock, rng=self._rng,
+                                     metrics=self.fleet_metrics)
         self.gate = RateGate(config.rate_limit.requests, config.rate_limit.per_seconds, self.clock,
                              fleet=self.fleet.budget if self.fleet else None, rng=self._rng)
         if self.fleet is None:
@@ -186,7 +193,7 @@ class Service:
                 self.metrics.queue_damaged_logs.inc()
             await self._restore_spool_into_disk_queue()
         else:
-            self._reload_dedup_file()  # oldest keys first (DedupWindow.add_aged)
+            self._reload_dedup_file()  # oldest keys first (DedupWindow.add_aged_many)
             self._reload_spool()
             db = Path(self.config.storage.state_dir) / "queue.db"
             if db.exists():
@@ -201,7 +208,7 @@ class Service:
         await self.workers.start()
         if isinstance(self.queue, DiskQueue):
             # After the workers start, so a large backlog is being sent while a full
-            # window (1e6 keys: ~2 s, DedupWindow.add_aged) loads; before the intake
+            # window (1e6 keys: ~2.5 s, the SQLite read and DedupWindow.add_aged_many) loads; before the intake
             # opens, so no retry arrives before its key is back.
             await self._reload_keys_from_disk_queue()
         self.spool.remove()  # its events are queued now; the next stop writes a new one
