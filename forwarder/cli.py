@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = _load(args.config)
             if problems := preflight(cfg):
                 return _refuse(problems)
+            _check_fleet_redis(cfg)
             sys.stdout.write(render_effective(cfg))
             return 0
         if args.command == "dead-letters":
@@ -130,6 +131,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 2
+
+
+def _check_fleet_redis(cfg: Config) -> None:
+    """check-config only: whether the fleet's Redis answers. Never a refusal: serve starts
+    and runs without Redis (fail open, docs/fleet.md), so this is a note on stderr."""
+    if not cfg.fleet.redis_url:
+        return
+    from .fleet_redis import probe_once
+
+    why = probe_once(cfg.fleet.redis_url.reveal())
+    if why is None:
+        print("intercom-forwarder: fleet.redis_url: Redis answered PING", file=sys.stderr)
+    else:
+        print(f"intercom-forwarder: warning: fleet.redis_url: Redis did not answer ({why}); "
+              "serve would start and run on local dedup and a local budget until it does",
+              file=sys.stderr)
 
 
 def _refuse(problems: list[ConfigError]) -> int:

@@ -77,6 +77,23 @@ def connect(url: str, timeout_s: float = TIMEOUT_S) -> Redis:
     )
 
 
+def probe_once(url: str, timeout_s: float = 1.0) -> str | None:
+    """For check-config: None if Redis answers PING within timeout_s, else why not (the
+    error's type and message; redis-py keeps the password out of them). Synchronous: the
+    CLI has no event loop, and this is one round trip."""
+    from redis import Redis as SyncRedis
+
+    client = SyncRedis.from_url(url, socket_timeout=timeout_s,
+                                socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0))
+    try:
+        client.ping()
+    except (RedisError, OSError) as exc:
+        return _describe(exc)
+    finally:
+        client.close()
+    return None
+
+
 class FleetRedis:
     """One client, bounded calls, one up/down state; call() never raises for Redis trouble."""
 

@@ -107,3 +107,22 @@ def test_dead_letters_refuses_a_reason_no_dead_letter_can_have(tmp_path, action)
     assert "--reason: invalid choice: 'contact-not-found'" in done.stderr
     for reason in ("contact_not_found", "rejected", "retries_exhausted"):
         assert reason in done.stderr
+
+
+# --- check-config and the fleet's Redis (issue 14) -------------------------------------------
+
+def test_check_config_says_whether_the_fleets_redis_answers_and_never_shows_its_password(
+        tmp_path, redis_server):
+    """Expect: Redis up, a note that it answered; Redis down, a warning naming the key,
+    exit 0 all the same (serve runs without Redis); the password never printed."""
+    env = {"INTERCOM_ACCESS_TOKEN": TOKEN, "FORWARDER_STORAGE__STATE_DIR": str(tmp_path / "s"),
+           "FORWARDER_FLEET__REDIS_URL": redis_server.url}
+    up = run("check-config", env=env)
+    assert up.returncode == 0, up.stderr
+    assert "fleet.redis_url: Redis answered PING" in up.stderr
+    redis_server.kill()
+    env["FORWARDER_FLEET__REDIS_URL"] = f"unix://:hunter2@{redis_server.socket_path}"
+    down = run("check-config", env=env)
+    assert down.returncode == 0, down.stderr
+    assert "warning: fleet.redis_url: Redis did not answer" in down.stderr
+    assert "hunter2" not in down.stderr + down.stdout
