@@ -148,8 +148,9 @@ async def test_kill_9_under_concurrent_singles_and_batches_loses_no_acknowledged
 async def test_kill_9_with_events_waiting_for_retries_sends_them_after_the_restart(tmp_path):
     """Steps: Intercom answers 500 to the first 40 sends; 40 events are posted; once all
     40 wait for their retry (3 s), SIGKILL; restart against an Intercom that answers 202.
-    Expect: all 40 delivered exactly once (one delivered before the kill is not sent
-    again)."""
+    Expect: all 40 delivered; one delivered before the kill is sent again only if its
+    delete had not committed at the kill (the worker was still waiting for it), so at
+    most one per worker."""
     fake = FakeIntercom(token=TOKEN)
     await fake.start()
     daemon = None
@@ -171,7 +172,9 @@ async def test_kill_9_with_events_waiting_for_retries_sends_them_after_the_resta
         daemon = await start(tmp_path, fake.url, "second", **disk_env(**retry))
         await daemon.wait_for(lambda: len(fake.delivered) == 40, "40 delivered")
         assert delivered_ids(fake) == {f"r{i}" for i in range(40)}
-        assert fake.duplicates == 0  # one delivered before the kill is not sent again
+        # A retry delivered in the moment before the kill, its delete not yet committed,
+        # is resent (Intercom drops the copy by its key): at most one per worker.
+        assert fake.duplicates <= WORKERS
     finally:
         if daemon is not None:
             await daemon.kill()
