@@ -6,13 +6,17 @@ forget()-ten so that a replay is not a "duplicate".
 
 Memory layout (the window is meant to hold ~1e6 keys in well under 150 bytes each):
 
-- A key is stored as the int of the digest's first 8 bytes, not as the 16-byte bytes
-  object: a 64-bit int is a 40-byte object, a 16-byte bytes object is 56 bytes.
-  Truncating the blake2b digest to 64 bits keeps collisions negligible: with n = 1e6 keys
-  held, a new key is wrongly taken for a duplicate with probability n / 2**64 ~= 5.4e-14
-  per lookup, and the chance that any two held keys collide is n**2 / 2**65 ~= 2.7e-8.
+- A key is stored as the int of the digest's first 60 bits, not as the 16-byte bytes
+  object: an int below 2**60 is two 30-bit digits, a 32-byte object (64 bits take a
+  third digit, 36 bytes, which the allocator rounds to 48), and a 16-byte bytes object is
+  56 bytes. The 60 bits against 64 save ~10 MB per million keys (measured: a dict of 1e6
+  such ints grew RSS by 81.5 MB, against 91.5 MB at 64 bits), which keeps a restart with
+  a full window and a 1e6-event disk backlog under 150 MB (bench/RESULTS.md, disk-http).
+  Truncating the blake2b digest to 60 bits keeps collisions negligible: with n = 1e6 keys
+  held, a new key is wrongly taken for a duplicate with probability n / 2**60 ~= 8.7e-13
+  per lookup, and the chance that any two held keys collide is n**2 / 2**61 ~= 4.3e-7.
   At 1,000 events/s with a full window that is about one wrongly dropped event every
-  600,000 years.
+  36,000 years.
 - Ages are kept per generation, not per key: time is cut into GENERATIONS slices of the
   window, and every key added during one slice maps to the same float object, its
   _Generation's expires_at (one dict value shared by thousands of keys, so no per-key
@@ -49,6 +53,7 @@ GENERATIONS = 64
 
 _U64 = struct.Struct("<Q")
 _first_u64 = _U64.unpack_from
+_KEY_MASK = (1 << 60) - 1  # see "Memory layout" above: a 32-byte int, not a 48-byte one
 
 # Stale entries a generation may hold beyond its live ones before it is compacted. Not 0,
 # so that a generation with few live keys is not rebuilt on every forget(); it bounds the
@@ -97,13 +102,13 @@ class DedupWindow:
 
     def contains(self, key: bytes) -> bool:
         """True if key was added within the window and not forgotten or evicted since."""
-        expires_at = self._where.get(_first_u64(key)[0])
+        expires_at = self._where.get(_first_u64(key)[0] & _KEY_MASK)
         return expires_at is not None and expires_at > self._clock.monotonic()
 
     def add_if_absent(self, key: bytes) -> bool:
         """contains() and add() in one lookup: False (and nothing changes) for a key still
         in the window, else remember it and return True. The intake's hot path."""
-        k = _first_u64(key)[0]
+        k = _first_u64(key)[0] & _KEY_MASK
         now = self._clock.monotonic()
         where = self._where
         expires_at = where.get(k)
@@ -131,7 +136,7 @@ class DedupWindow:
     def add(self, key: bytes) -> None:
         """Remember key from now on (re-adding an old key restarts its window)."""
         self.forget(key)  # a key still remembered: its old entry goes stale, counted there
-        self._add(_first_u64(key)[0], self._clock.monotonic())
+        self._add(_first_u64(key)[0] & _KEY_MASK, self._clock.monotonic())
 
     def _add(self, k: int, now: float) -> None:
         gens = self._gens
@@ -169,7 +174,7 @@ class DedupWindow:
             closes_at = added + self._width_s
             gen = _Generation(closes_at, closes_at + self._window_s)
             gens.append(gen)
-        k = _first_u64(key)[0]
+        k = _first_u64(key)[0] & _KEY_MASK
         gen.keys.append(k)
         where = self._where
         where[k] = gen.expires_at
@@ -200,7 +205,7 @@ class DedupWindow:
             added = now - age if age > 0.0 else now
             if added + window <= now:
                 continue  # its window has passed
-            k = _first_u64(key)[0]
+            k = _first_u64(key)[0] & _KEY_MASK
             if k in where:  # rare: a key twice in the input, or already remembered
                 self.forget(key)
                 if gen is not None:
@@ -218,7 +223,7 @@ class DedupWindow:
 
     def items(self) -> Iterator[tuple[bytes, float]]:
         """(key, age_s) of every remembered key, oldest first, for writing the window at
-        stop. The key is the 8-byte digest prefix the window keeps (all that contains()
+        stop. The key is the digest prefix the window keeps, 60 bits in 8 bytes (all that contains()
         compares); the age is its generation's, so at most window/GENERATIONS younger
         than the truth: reloaded, a key is remembered a little longer, never shorter."""
         now = self._clock.monotonic()
@@ -235,7 +240,7 @@ class DedupWindow:
 
     def forget(self, key: bytes) -> None:
         """Drop key, so that the next contains(key) is False. Unknown keys are ignored."""
-        expires_at = self._where.pop(_first_u64(key)[0], None)
+        expires_at = self._where.pop(_first_u64(key)[0] & _KEY_MASK, None)
         if expires_at is None:
             return
         # Its entry stays in its generation's array, stale: count it there, and compact
