@@ -57,7 +57,6 @@ sys.path.insert(0, str(ROOT))
 import aiohttp  # noqa: E402
 import orjson  # noqa: E402
 import structlog  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from forwarder.fake_intercom import FakeIntercom  # noqa: E402
 from tests.integration.daemon import Daemon, spawn  # noqa: E402
@@ -171,14 +170,6 @@ async def offer(session: aiohttp.ClientSession, daemons: list[Daemon], budget: i
     return out
 
 
-async def scrape(session: aiohttp.ClientSession, daemon: Daemon) -> dict[tuple, float]:
-    """One daemon's /metrics: {(sample name, sorted labels): value}."""
-    async with session.get(daemon.url + "/metrics") as r:
-        text = await r.text()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
-
-
 def round_trips(samples: dict[tuple, float], ops: tuple[str, ...]) -> float:
     """Redis round trips of `ops` that went to Redis (not `skipped` in local mode)."""
     name = PREFIX + "fleet_redis_round_trips_total"
@@ -255,6 +246,7 @@ async def run(mode: str, n: int, args: argparse.Namespace, server: RedisServer |
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
         try:
+            t0 = time.time()
             await fleet.start()
             start = first_edge(window_s, time.time() + 0.5)
             first = round(start / window_s)
@@ -266,7 +258,10 @@ async def run(mode: str, n: int, args: argparse.Namespace, server: RedisServer |
             await drain(fake, offered, time.time() + max(args.drain_s,
                                                          backlog_windows * window_s * 2))
             cpu = fleet.cpu() - cpu0
-            scraped = await asyncio.gather(*(scrape(session, d) for d in fleet.daemons))
+            if args.verbose:
+                print(f"  started in {start - t0:.1f} s, drained {time.time() - end:.1f} s "
+                      "after the load", flush=True)
+            scraped = await asyncio.gather(*(d.metrics() for d in fleet.daemons))
         finally:
             await fleet.stop()
     await fake.stop()
@@ -345,7 +340,7 @@ async def outage(n: int, args: argparse.Namespace, server: RedisServer, tmp: Pat
             back_at = time.time()
             up = PREFIX + "fleet_redis_up"
             while True:
-                scraped = await asyncio.gather(*(scrape(session, d) for d in fleet.daemons))
+                scraped = await asyncio.gather(*(d.metrics() for d in fleet.daemons))
                 if all(s.get((up, ()), 0.0) == 1.0 for s in scraped):
                     recovered = time.time() - back_at
                     break

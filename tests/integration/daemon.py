@@ -15,6 +15,7 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def free_port() -> int:
@@ -85,6 +86,13 @@ class Daemon:
         async with aiohttp.ClientSession() as s, s.post(self.url + path,
                                                         data=orjson.dumps(obj)) as r:
             return r.status
+
+    async def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """GET /metrics: {(sample name, sorted labels): value}."""
+        async with aiohttp.ClientSession() as s, s.get(self.url + "/metrics") as r:
+            text = await r.text()
+        return {(smp.name, tuple(sorted(smp.labels.items()))): smp.value
+                for family in text_string_to_metric_families(text) for smp in family.samples}
 
     async def terminate(self, timeout: float = 15) -> int:
         if self.proc.returncode is None:
