@@ -269,6 +269,19 @@ async def run(mode: str, n: int, args: argparse.Namespace, server: RedisServer |
         per_ok = Counter(a[1] for a in fake.answers if 200 <= a[2] < 300)
         print(f"  {mode} n={n}: 2xx per window:",
               [per_ok.get(i, 0) for i in range(first, last + 4)], flush=True)
+        firsts: dict[int, float] = {}
+        lasts: dict[int, float] = {}
+        for wall, w, status, _ in fake.answers:
+            if 200 <= status < 300:
+                firsts.setdefault(w, wall - w * window_s)
+                lasts[w] = wall - w * window_s
+        print("  first / last 2xx, ms into each window:",
+              [f"{firsts.get(i, 0) * 1000:.0f}/{lasts.get(i, 0) * 1000:.0f}"
+               for i in range(first, last + 1)])
+        leased = sum(s.get((PREFIX + "fleet_permits_leased_total", ()), 0.0) for s in scraped)
+        sent = sum(v for s in scraped for (name, _), v in s.items()
+                   if name == PREFIX + "upstream_requests_total")
+        print(f"  permits leased {leased:.0f}, requests sent {sent:.0f}", flush=True)
 
     def figures(lo: int) -> tuple[float, float, int]:
         rows = [a for a in fake.answers if lo <= a[1] <= last]

@@ -130,3 +130,15 @@ async def spawn(workdir: Path, *, upstream: str, state_dir: Path, name: str = "d
         proc = await asyncio.create_subprocess_exec(
             *argv, env=full_env, stdout=asyncio.subprocess.DEVNULL, stderr=err)
     return Daemon(proc=proc, url=f"http://127.0.0.1:{port}", stderr_path=stderr_path)
+
+
+async def spawn_serving(workdir: Path, *, upstream: str, state_dir: Path, name: str = "daemon",
+                        **env: str) -> Daemon:
+    """spawn(), then wait until it serves; a daemon that does not is killed, not leaked."""
+    daemon = await spawn(workdir, upstream=upstream, state_dir=state_dir, name=name, **env)
+    try:
+        await daemon.wait_serving()
+    except BaseException:
+        await daemon.kill()
+        raise
+    return daemon

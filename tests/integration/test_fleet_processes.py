@@ -19,7 +19,7 @@ import pytest
 
 from forwarder.fake_intercom import FakeIntercom
 from tests.conftest import TOKEN
-from tests.integration.daemon import Daemon, spawn
+from tests.integration.daemon import Daemon, spawn_serving
 
 BUDGET = 20  # requests per window, the whole app's
 WINDOW_S = 1  # Intercom's Reset is whole seconds
@@ -63,14 +63,8 @@ def env(redis_url: str) -> dict[str, str]:
 
 async def start(tmp_path: Path, fake: FakeIntercom, k: int, redis_url: str,
                 name: str) -> Daemon:
-    daemon = await spawn(tmp_path, upstream=fake.url, state_dir=tmp_path / f"state{k}",
-                         name=name, **env(redis_url))
-    try:
-        await daemon.wait_serving()
-    except BaseException:
-        await daemon.kill()
-        raise
-    return daemon
+    return await spawn_serving(tmp_path, upstream=fake.url, state_dir=tmp_path / f"state{k}",
+                               name=name, **env(redis_url))
 
 
 async def held_permits(daemon: Daemon) -> float:
