@@ -1,8 +1,9 @@
-"""One daemon's forwarding path, cut down, for the fleet tests and bench/fleet.py: a
-RateGate (with a FleetBudget when given Redis) in front of the real UpstreamClient, and
-`senders` loops that each take the next event from a shared supply, pass the gate, send,
-release the gate and put a 429'd event back, as forwarder/workers.py does. Service is
-not used: wiring the fleet into it is the lead's step (docs/fleet.md)."""
+"""One daemon's forwarding path, cut down, for the budget's component tests
+(tests/unit/test_fleet_redis.py): a RateGate (with a FleetBudget when given Redis) in
+front of the real UpstreamClient, and `senders` loops that each take the next event from a
+shared supply, pass the gate, send, release the gate and put a 429'd event back, as
+forwarder/workers.py does. Whole daemons are in tests/integration/test_fleet_service.py
+(in process), test_fleet_processes.py and bench/fleet.py (real processes)."""
 
 from __future__ import annotations
 

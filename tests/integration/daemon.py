@@ -15,6 +15,7 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def free_port() -> int:
@@ -86,6 +87,13 @@ class Daemon:
                                                         data=orjson.dumps(obj)) as r:
             return r.status
 
+    async def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """GET /metrics: {(sample name, sorted labels): value}."""
+        async with aiohttp.ClientSession() as s, s.get(self.url + "/metrics") as r:
+            text = await r.text()
+        return {(smp.name, tuple(sorted(smp.labels.items()))): smp.value
+                for family in text_string_to_metric_families(text) for smp in family.samples}
+
     async def terminate(self, timeout: float = 15) -> int:
         if self.proc.returncode is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -122,3 +130,15 @@ async def spawn(workdir: Path, *, upstream: str, state_dir: Path, name: str = "d
         proc = await asyncio.create_subprocess_exec(
             *argv, env=full_env, stdout=asyncio.subprocess.DEVNULL, stderr=err)
     return Daemon(proc=proc, url=f"http://127.0.0.1:{port}", stderr_path=stderr_path)
+
+
+async def spawn_serving(workdir: Path, *, upstream: str, state_dir: Path, name: str = "daemon",
+                        **env: str) -> Daemon:
+    """spawn(), then wait until it serves; a daemon that does not is killed, not leaked."""
+    daemon = await spawn(workdir, upstream=upstream, state_dir=state_dir, name=name, **env)
+    try:
+        await daemon.wait_serving()
+    except BaseException:
+        await daemon.kill()
+        raise
+    return daemon

@@ -28,7 +28,7 @@ from forwarder.deadletter import read_entries
 from forwarder.disksql import SCHEMA_VERSION
 from forwarder.fake_intercom import FakeIntercom
 from tests.conftest import TOKEN
-from tests.integration.daemon import Daemon, free_port, spawn
+from tests.integration.daemon import Daemon, free_port, spawn, spawn_serving
 
 NOW = 1_700_000_000
 WORKERS = 4  # small, so "on the wire at the kill" is a small known bound
@@ -44,14 +44,8 @@ def disk_env(**extra: str) -> dict[str, str]:
 
 
 async def start(tmp_path: Path, fake_url: str, name: str, **env: str) -> Daemon:
-    daemon = await spawn(tmp_path, upstream=fake_url, state_dir=tmp_path / "state",
-                         name=name, **env)
-    try:
-        await daemon.wait_serving()
-    except BaseException:
-        await daemon.kill()
-        raise
-    return daemon
+    return await spawn_serving(tmp_path, upstream=fake_url, state_dir=tmp_path / "state",
+                               name=name, **env)
 
 
 def delivered_ids(fake: FakeIntercom) -> set[str]:

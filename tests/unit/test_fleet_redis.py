@@ -137,6 +137,19 @@ async def test_leases_across_daemons_never_exceed_what_intercom_has_left(redis_s
         assert leased == 15
 
 
+async def test_a_busy_daemon_at_intercoms_budget_leases_16_permits_a_round_trip(
+        redis_server):
+    """Steps: Intercom's shape, 1666 per 10 s; one daemon takes 160 permits back to back.
+    Expect: leases grow 1, 2, 4, 8, then 16 (1% of the budget), so 14 round trips, where
+    leases capped at 8 would take 23 (bench/fleet.py: 0.21 round trips per forwarded
+    event at 20 daemons with 8, 0.11 with 16)."""
+    async with Daemon(redis_server.url, requests=1666, per_seconds=10.0) as a:
+        for _ in range(160):
+            assert await a.budget.take() == 0.0
+        assert sample(a.registry, "fleet_redis_round_trips_total", op="lease",
+                      result="ok") <= 14
+
+
 async def test_a_429_holds_every_daemon_of_the_fleet_until_its_reset(redis_server):
     async with Daemon(redis_server.url) as a, Daemon(redis_server.url) as b:
         assert await b.budget.take() == 0.0
