@@ -84,8 +84,9 @@ async def test_a_sidecar_killed_holding_permits_costs_the_fleet_nothing_past_the
     SIGKILL one mid-window while it holds leased permits; watch the next window; restart
     the killed one on its state dir.
     Expect: the window after the kill's is spent to the budget by the other two (nothing
-    waits for the dead one's permits past its window), at most a 429 or two at window edges, and every event answered
-    202 is delivered, none twice beyond the one on the wire per worker of the killed one."""
+    waits for the dead one's permits past its window), at most a 429 or two at window
+    edges, and every event answered 202 is delivered, none twice beyond the one on the
+    wire per worker of the killed one."""
     fake = SlowWindowedFake(token=TOKEN, budget=BUDGET, window_seconds=WINDOW_S)
     await fake.start()
     daemons: list[Daemon] = []
