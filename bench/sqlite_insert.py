@@ -1,8 +1,10 @@
 """SQLite alone: CPU per event of the disk log's inserts (an event row and its dedup key
 row, 256 rows a statement, ~1,500 events a commit, WAL, synchronous=NORMAL), with the
 events table's due_at index as it is, as a partial index (WHERE due_at > 0, so fresh rows
-are not indexed), and with none. Issue 13's batch target: is the index a lever? On
-2026-12-03: full 5.0-5.4, partial 5.7-6.0, none 5.2-6.2 µs/event, i.e. no.
+are not indexed), and with none. Issue 13's batch target: is the index a lever? Two runs
+on 2026-12-03 (three samples each): full 5.0-5.4 / 7.0-7.9, partial 5.7-6.0 / 6.3-7.0,
+none 5.2-6.2 / 6.4-6.6 µs/event: at most ~1 µs of the ~16 µs disk mode adds per event
+in batches, within this machine's noise.
 
     .venv/bin/python bench/sqlite_insert.py
 """
