@@ -130,6 +130,9 @@ def lease_cap(requests: int) -> int:
     return max(MAX_LEASE, requests // LEASE_FRACTION)
 
 
+FALLBACK_CAP_WINDOWS = 2  # Redis down: windows paced on the last fleet share
+
+
 class FleetBudget:
     """This daemon's permits from the fleet's budget; take() never raises and never waits
     on Redis longer than its bound."""
@@ -187,11 +190,19 @@ class FleetBudget:
 
     @property
     def fallback_share(self) -> float | None:
-        """None while Redis serves; else the share to pace with (1.0: none seen yet, so
-        the gate's own evidence decides)."""
+        """None while Redis serves; else a cap on the share the gate paces with (1.0: no
+        cap, the gate's own evidence decides). The last fleet share caps it for the first
+        FALLBACK_CAP_WINDOWS windows of an outage, so every daemon lands on a safe budget
+        at once; after that the gate's own share, which learns from Intercom's headers
+        window by window, decides alone. Kept for a whole outage, a stale cap left a fleet
+        whose last shares summed below 1 under-using the budget (79% in a 30 s outage,
+        bench/fleet.py --outage 30)."""
         if self._redis.up:
             return None
-        return self._last_share if self._last_share is not None else 1.0
+        if self._last_share is None or \
+                self._redis.down_for_s > FALLBACK_CAP_WINDOWS * self._per_seconds:
+            return 1.0
+        return self._last_share
 
     @property
     def share(self) -> float | None:

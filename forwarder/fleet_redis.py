@@ -116,6 +116,13 @@ class FleetRedis:
     def up(self) -> bool:
         return self._down_since is None
 
+    @property
+    def down_for_s(self) -> float:
+        """Seconds since Redis went unavailable; 0.0 while it serves."""
+        if self._down_since is None:
+            return 0.0
+        return self._clock.monotonic() - self._down_since
+
     def key(self, *parts: str) -> str:
         return ":".join((self.namespace, *parts))
 

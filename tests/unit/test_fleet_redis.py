@@ -302,6 +302,28 @@ async def test_a_frozen_redis_costs_one_call_at_most_the_bound_then_nothing(
     assert sample(a.registry, "fleet_fallbacks_total") == 1
 
 
+async def test_redis_down_caps_the_share_for_two_windows_then_the_gate_decides(
+        redis_server):
+    """Steps: a daemon whose last fleet share was a quarter loses Redis (0.5-s windows).
+    Expect: the gate paces on that quarter at once (a safe budget before any evidence),
+    and from two windows on on its own share alone (cap 1.0), which learns from
+    Intercom's headers: a stale cap kept for the whole outage left a fleet under-using
+    the budget (bench/fleet.py --outage 30: 83-92% during the outage, 95% with this)."""
+    async with Daemon(redis_server.url, per_seconds=0.5, retry_s=30.0) as a:
+        a.budget._last_share = 0.25  # as the last window Redis showed had left it
+        redis_server.kill()
+        assert await a.dedup.add_if_absent_many([key(1)]) == [True]  # finds Redis down
+        went_down = time.monotonic()
+        assert not a.redis.up
+        assert a.budget.fallback_share == 0.25
+
+        async def uncapped() -> bool:
+            return a.budget.fallback_share == 1.0
+
+        await poll(uncapped, timeout=3.0)
+        assert time.monotonic() - went_down >= 2 * 0.5
+
+
 async def test_redis_killed_and_restarted_mid_run_sidecars_keep_sending_and_recover(
         redis_server, captured_logs):
     """Steps: two sidecars share Redis against a fake Intercom (30 per 1-s window); Redis
