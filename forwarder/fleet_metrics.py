@@ -6,9 +6,12 @@ op is one of OPS, result one of RESULTS.
 
 from __future__ import annotations
 
+from functools import partial
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-PREFIX = "intercom_forwarder"
+from .metrics import PREFIX
+
 OPS = ("lease", "hold", "dedup", "forget", "probe")
 RESULTS = ("ok", "error", "timeout", "skipped")
 
@@ -20,47 +23,32 @@ class FleetMetrics:
         # redis=False (no [fleet] redis_url): only the share is exported. The Redis series
         # go to a registry that nothing renders: a redis_up there would be a lie, and an
         # alert on it would fire for every daemon that needs no Redis.
-        exported = registry
-        if not redis:
-            registry = CollectorRegistry(auto_describe=False)
-        self.redis_round_trips = Counter(
-            f"{PREFIX}_fleet_redis_round_trips",
+        r = registry if redis else CollectorRegistry(auto_describe=False)
+        counter = partial(Counter, namespace=PREFIX, registry=r)
+        gauge = partial(Gauge, namespace=PREFIX, registry=r)
+        self.redis_round_trips = counter(
+            "fleet_redis_round_trips",
             "Round trips to Redis, by operation and result (skipped: Redis known down)",
-            ["op", "result"],
-            registry=registry,
-        )
+            ["op", "result"])
         self.redis_latency = Histogram(
-            f"{PREFIX}_fleet_redis_latency_seconds",
-            "Latency of Redis round trips that completed",
-            ["op"],
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1),
-            registry=registry,
-        )
-        self.fallbacks = Counter(
-            f"{PREFIX}_fleet_fallbacks",
-            "Times this daemon fell back to local dedup and a local budget (Redis down)",
-            registry=registry,
-        )
-        self.redis_up = Gauge(
-            f"{PREFIX}_fleet_redis_up",
-            "1 while Redis answers, 0 while this daemon runs on local fallbacks",
-            registry=registry,
-        )
-        self.permits_leased = Counter(
-            f"{PREFIX}_fleet_permits_leased",
-            "Permits (one request each) this daemon leased from the fleet's budget",
-            registry=registry,
-        )
+            "fleet_redis_latency_seconds", "Latency of Redis round trips that completed",
+            ["op"], namespace=PREFIX, registry=r,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1))
+        self.fallbacks = counter(
+            "fleet_fallbacks",
+            "Times this daemon fell back to local dedup and a local budget (Redis down)")
+        self.redis_up = gauge(
+            "fleet_redis_up", "1 while Redis answers, 0 while this daemon runs on local fallbacks")
+        self.permits_leased = counter(
+            "fleet_permits_leased",
+            "Permits (one request each) this daemon leased from the fleet's budget")
         self.share = Gauge(
-            f"{PREFIX}_fleet_share",
+            "fleet_share",
             "This daemon's share of the app's Intercom budget in the last window (1: alone)",
-            registry=exported,
-        )
-        self.duplicates = Counter(
-            f"{PREFIX}_fleet_duplicates",
-            "Events another daemon of the fleet had already accepted (caught through Redis)",
-            registry=registry,
-        )
+            namespace=PREFIX, registry=registry)  # exported with or without Redis
+        self.duplicates = counter(
+            "fleet_duplicates",
+            "Events another daemon of the fleet had already accepted (caught through Redis)")
         self.share.set(1.0)
         self.redis_up.set(1.0)
         for op in OPS:
