@@ -168,8 +168,8 @@ ENV_PREFIX = "FORWARDER_"
 TOKEN_ENV = "INTERCOM_ACCESS_TOKEN"
 CREDENTIAL_NAME = "intercom-access-token"  # systemd LoadCredential=intercom-access-token:...
 REDACTED = "<redacted>"
-CONFIG_PATH_ENV = "FORWARDER_CONFIG"
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")  # names the file; cli.py reads it, it is no key
+CONFIG_PATH_ENV = "FORWARDER_CONFIG"  # names the file; cli.py reads it, it is no key
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")  # what redis-py's from_url takes
 
 
 _SCHEMA = {  # section -> (dataclass, key -> type), in dataclass order

@@ -208,8 +208,8 @@ class Service:
         await self.workers.start()
         if isinstance(self.queue, DiskQueue):
             # After the workers start, so a large backlog is being sent while a full
-            # window (1e6 keys: ~2.5 s, the SQLite read and DedupWindow.add_aged_many) loads; before the intake
-            # opens, so no retry arrives before its key is back.
+            # window loads (1e6 keys: ~2.5 s, the SQLite read and add_aged_many); before
+            # the intake opens, so no retry arrives before its key is back.
             await self._reload_keys_from_disk_queue()
         self.spool.remove()  # its events are queued now; the next stop writes a new one
         self._accepting = True
