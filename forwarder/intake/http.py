@@ -299,14 +299,16 @@ class Intake:
         # The dedup: one call for the whole request (with a fleet: one Redis round trip).
         keys = [n.event.key for n in valid if n.event.key]
         fresh = iter(await self._dedup.add_if_absent_many(keys) if keys else ())
-        # A durable queue: (index, key) of every event offered, to undo if the commit fails.
-        # No await from here to the commit: the queue cannot close half-way through.
-        offered: list[tuple[int, bytes]] = []
+        # A durable queue: (index, key) of every event offered, to undo if the commit fails
+        # (memory mode keeps no such list). No await from here to the commit: the queue
+        # cannot close half-way through.
+        offered: list[tuple[int, bytes]] | None = [] if self._queue.durable else None
         for index, result in zip(indexes, valid):
             admission = self._admit(result, next(fresh) if result.event.key else True)
             if admission is Admission.ACCEPTED:
                 accepted += 1
-                offered.append((index, result.event.key))
+                if offered is not None:
+                    offered.append((index, result.event.key))
             elif admission is Admission.DUPLICATE:
                 duplicates += 1
             else:
@@ -317,7 +319,7 @@ class Intake:
                                   "dropped_metadata_keys": list(result.dropped_metadata_keys)})
         closed = bool(not_taken) and self._queue.closed
         why_not_taken = SHUTTING_DOWN if closed else "the forwarder's queue is full"
-        if self._queue.durable and (accepted or duplicates):
+        if offered is not None and (accepted or duplicates):
             # One commit for the whole batch, shared with concurrent requests.
             try:
                 await self._queue.commit()
