@@ -10,8 +10,9 @@ Memory layout (the window is meant to hold ~1e6 keys in well under 150 bytes eac
   object: an int below 2**60 is two 30-bit digits, a 32-byte object (64 bits take a
   third digit, 36 bytes, which the allocator rounds to 48), and a 16-byte bytes object is
   56 bytes. The 60 bits against 64 save ~10 MB per million keys (measured: a dict of 1e6
-  such ints grew RSS by 81.5 MB, against 91.5 MB at 64 bits), which keeps a restart with
-  a full window and a 1e6-event disk backlog under 150 MB (bench/RESULTS.md, disk-http).
+  such ints grew RSS by 81.5 MB, against 91.5 MB at 64 bits: bench/dedup_key_bits.py),
+  which keeps a restart with a full window and a 1e6-event disk backlog under 150 MB
+  (bench/RESULTS.md, disk-http).
   Truncating the blake2b digest to 60 bits keeps collisions negligible: with n = 1e6 keys
   held, a new key is wrongly taken for a duplicate with probability n / 2**60 ~= 8.7e-13
   per lookup, and the chance that any two held keys collide is n**2 / 2**61 ~= 4.3e-7.

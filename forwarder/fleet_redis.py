@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import structlog
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -81,8 +82,6 @@ def probe_once(url: str, timeout_s: float = 1.0) -> str | None:
     """For check-config: None if Redis answers PING within timeout_s, else why not (the
     error's type and message; redis-py keeps the password out of them). Synchronous: the
     CLI has no event loop, and this is one round trip."""
-    from redis import Redis as SyncRedis
-
     client = SyncRedis.from_url(url, socket_timeout=timeout_s,
                                 socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0))
     try:
