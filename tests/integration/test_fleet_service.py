@@ -215,7 +215,8 @@ async def test_redis_holds_no_token_and_every_key_expires(fleet, fake, http, red
 
 async def test_an_unreachable_redis_at_start_still_serves(fleet, fake, http, tmp_path):
     (a,) = await fleet(1, fake, redis_url=f"unix://{tmp_path}/nothing-here.sock")
+    # Found at start, before any request: the operator sees fleet.redis_unavailable at once.
+    assert sample(a, "fleet_fallbacks_total") == 1
     assert (await post(http, a, event(1)))[0] == 202
     assert (await post(http, a, event(1)))[0] == 202  # this daemon's window still dedups
     await wait_until(lambda: len(fake.delivered) == 1)
-    assert sample(a, "fleet_fallbacks_total") >= 1
