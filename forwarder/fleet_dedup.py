@@ -99,18 +99,6 @@ class FleetDedup:
             out.append(new)
         return out
 
-    async def add_if_absent(self, key: bytes) -> bool:
-        return (await self.add_if_absent_many((key,)))[0]
-
-    def contains(self, key: bytes) -> bool:
-        """This daemon's window only (synchronous); the fleet answers in add_if_absent_many."""
-        return self._local.contains(key)
-
-    def add(self, key: bytes) -> None:
-        """Remember locally (the spool's events at start were accepted here, so the fleet
-        has them already, unless their keys expired)."""
-        self._local.add(key)
-
     def forget(self, key: bytes) -> None:
         """Forget here now, and fleet-wide with the next round trip."""
         self._local.forget(key)
@@ -119,13 +107,6 @@ class FleetDedup:
         self._forgotten.pop(key, None)  # to the end: the newest forget
         self._forgotten[key] = next(self._seq)
         self._flush_wanted.set()
-
-    async def forget_many(self, keys: Sequence[bytes]) -> bool:
-        """Forget here and fleet-wide in one round trip; False if Redis was unavailable
-        (the keys stay queued for the next one)."""
-        for key in keys:
-            self.forget(key)
-        return await self.flush()
 
     async def flush(self) -> bool:
         """Send the queued fleet-wide forgets; False if Redis was unavailable."""
