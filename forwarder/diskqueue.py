@@ -67,9 +67,14 @@ ROW_OVERHEAD_BYTES = 128
 READ_RETRY_S = 1.0  # after a failed refill
 
 
+# QueueUnavailable's reason when commit() comes after stop(): the forwarder is stopping,
+# not failing (the intake counts it as shutting_down, not queue_full).
+STOPPED = "stopped"
+
+
 class QueueUnavailable(Exception):
     """commit() could not make the offers durable; `reason` is short and stable
-    (SQLITE_FULL, SQLITE_IOERR, stopped...). The intake answers 503 with it."""
+    (SQLITE_FULL, SQLITE_IOERR, STOPPED...). The intake answers 503 with it."""
 
     def __init__(self, reason: str):
         super().__init__(reason)
@@ -279,7 +284,7 @@ class DiskQueue:
         are not queued, and the intake answers 503. Call it in the same step as the
         offers it covers (no await in between), as the intake does."""
         if not self._running:
-            raise QueueUnavailable("stopped")
+            raise QueueUnavailable(STOPPED)
         batches = [b for b in (self._inflight, self._open) if b is not None]
         if not batches:
             return

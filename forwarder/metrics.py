@@ -87,7 +87,7 @@ class Metrics:
         self.events_received = LoopCounter(
             f"{PREFIX}_events_received",
             "Events received at the intake, by outcome",
-            ["outcome"],  # accepted | duplicate | rejected | queue_full
+            ["outcome"],  # accepted | duplicate | rejected | queue_full | shutting_down
             registry=r,
         )
         # Every metric below is intercom_forwarder_<name> (prometheus_client's namespace).
@@ -156,7 +156,7 @@ class Metrics:
 
         # Series that exist from the start read 0 rather than absent, so rate() and
         # increase() see the first event of each kind.
-        for outcome in ("accepted", "duplicate", "rejected", "queue_full"):
+        for outcome in ("accepted", "duplicate", "rejected", "queue_full", "shutting_down"):
             self.events_received.labels(outcome)
         self.events_forwarded.labels("delivered", "")
         for reason in ("server_error", "timeout", "connection_error"):

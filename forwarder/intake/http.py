@@ -19,7 +19,7 @@ import structlog
 from aiohttp import web
 
 from ..clock import Clock
-from ..diskqueue import QueueUnavailable
+from ..diskqueue import STOPPED, QueueUnavailable
 from ..event import Event
 from ..logs import LogThrottle
 from ..metrics import Metrics
@@ -39,6 +39,7 @@ log = structlog.get_logger("forwarder.intake")
 Validator = Callable[[object, float], Normalised | list[Problem]]
 
 JSON = "application/json"
+NDJSON = "application/x-ndjson"
 RETRY_AFTER_S = "1"
 SHUTTING_DOWN = "the forwarder is shutting down"
 _MAX_UNKNOWN_NAMES_REMEMBERED = 1024
@@ -49,12 +50,10 @@ class Admission(enum.Enum):
     DUPLICATE = "duplicate"
     QUEUE_FULL = "queue_full"
     # The queue is closed: the stop has taken (or is about to take) its events for the
-    # spool, so this one could not go with them. Answered 503 like a full queue, but not
-    # counted in events_received, as the 503 before the body is read is not.
+    # spool, so this one could not go with them. Answered 503 like a full queue, but
+    # counted apart, as the 503 before the body is read is: a deploy is not a full queue
+    # (no full-queue alert), yet the operator sees what apps were refused during it.
     SHUTTING_DOWN = "shutting_down"
-
-
-_COUNTED = (Admission.ACCEPTED, Admission.DUPLICATE, Admission.QUEUE_FULL)
 
 
 class Offerable(Protocol):
@@ -99,6 +98,26 @@ def _unavailable(message: str) -> web.Response:
                           headers={"Retry-After": RETRY_AFTER_S})
 
 
+def _not_committed(exc: QueueUnavailable) -> Admission:
+    """The outcome of events whose commit failed: a commit that came after the queue
+    stopped is the stop's refusal, not a full or failing disk."""
+    return Admission.SHUTTING_DOWN if exc.reason == STOPPED else Admission.QUEUE_FULL
+
+
+def _batch_items(body: bytes, *, ndjson: bool) -> list[object] | Problem:
+    """A batch's items (each NDJSON line that is not JSON as the Problem that says why),
+    or the Problem that refuses the whole body."""
+    if ndjson:
+        return list(parse_ndjson(body))
+    parsed = parse_json(body)
+    if isinstance(parsed, Problem):
+        return parsed
+    if not isinstance(parsed, list):
+        return Problem("body", "POST /events/batch takes a JSON array of events, or NDJSON "
+                               f"with Content-Type {NDJSON}")
+    return parsed
+
+
 class Intake:
     """The intake's routes and their handlers. Holds no events itself: admitted ones are in the
     queue before the 202 is written, so nothing answered 202 exists only in a socket."""
@@ -121,7 +140,7 @@ class Intake:
         self._readiness = readiness
         self._max_body_bytes = max_body_bytes
         received = metrics.events_received
-        self._count = {a: received.labels(a.value) for a in _COUNTED}
+        self._count = {a: received.labels(a.value) for a in Admission}
         self._count_rejected = received.labels("rejected")
         self._unknown_seen: set[str] = set()
         self._truncation_log = LogThrottle(clock, interval_s=10.0)
@@ -159,6 +178,7 @@ class Intake:
             new = (await self._dedup.add_if_absent_many((key,)))[0] if key else True
             admission = self._admit(result, new)
             if admission is Admission.SHUTTING_DOWN:
+                self._count[admission].inc()
                 return _unavailable(SHUTTING_DOWN)
             if self._queue.durable and admission is not Admission.QUEUE_FULL:
                 # No 202 before the event is in the log. A duplicate waits too: its first
@@ -168,7 +188,7 @@ class Intake:
                 except QueueUnavailable as exc:
                     if admission is Admission.ACCEPTED and result.event.key:
                         self._dedup.forget(result.event.key)  # not taken: a retry must pass
-                    self._count[Admission.QUEUE_FULL].inc()
+                    self._count[_not_committed(exc)].inc()
                     return _unavailable(_not_stored(exc.reason))
             self._count[admission].inc()
             if admission is Admission.QUEUE_FULL:
@@ -179,11 +199,11 @@ class Intake:
             return error_response(500, "server_error", "unexpected error in the forwarder")
 
     async def post_batch(self, request: web.BaseRequest) -> web.StreamResponse:
-        body = await self._read(request)
+        body = await self._read(request, batch=True)
         if isinstance(body, web.Response):
             return body
         try:
-            return await self._batch(body, ndjson=request.content_type == "application/x-ndjson")
+            return await self._batch(body, ndjson=request.content_type == NDJSON)
         except Exception:
             log.exception("intake.unexpected_error", route="/events/batch")
             return error_response(500, "server_error", "unexpected error in the forwarder")
@@ -206,7 +226,8 @@ class Intake:
 
     # -- verdicts -----------------------------------------------------------------------
 
-    async def _read(self, request: web.BaseRequest) -> bytes | web.Response:
+    async def _read(self, request: web.BaseRequest, *,
+                    batch: bool = False) -> bytes | web.Response:
         """The body, or the answer that refuses the request: 503 while the forwarder stops,
         413 over max_body_bytes (read() enforces it, with or without a Content-Length).
 
@@ -214,14 +235,29 @@ class Intake:
         of a stop, and an event admitted after the stop took the queue for the spool would
         be answered 202 and then lost."""
         if not self._readiness.accepting:
-            return _unavailable(SHUTTING_DOWN)
+            return self._stopping(request, None, batch=batch)
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             return self._too_large()
         if not self._readiness.accepting:
-            return _unavailable(SHUTTING_DOWN)
+            return self._stopping(request, body, batch=batch)
         return body
+
+    def _stopping(self, request: web.BaseRequest, body: bytes | None, *,
+                  batch: bool) -> web.Response:
+        """503 for a request that came while the forwarder stops, counted as shutting_down:
+        a batch whose body was read counts its items; any other request counts once,
+        including a batch refused before its body is read (reading it would hold up the
+        stop to count what is refused anyway; a body refused whole counts once in
+        rejected too)."""
+        events = 1
+        if batch and body is not None:
+            items = _batch_items(body, ndjson=request.content_type == NDJSON)
+            if not isinstance(items, Problem):
+                events = len(items)
+        self._count[Admission.SHUTTING_DOWN].inc(events)
+        return _unavailable(SHUTTING_DOWN)
 
     def _too_large(self) -> web.Response:
         self._count_rejected.inc()
@@ -269,19 +305,10 @@ class Intake:
                 log.warning("intake.unknown_field_dropped", field=name)
 
     async def _batch(self, body: bytes, *, ndjson: bool) -> web.Response:
-        if ndjson:
-            items: list[object] = list(parse_ndjson(body))
-        else:
-            parsed = parse_json(body)
-            if isinstance(parsed, Problem):
-                self._count_rejected.inc()
-                return _problems([parsed])
-            if not isinstance(parsed, list):
-                self._count_rejected.inc()
-                return _problems([Problem("body", "POST /events/batch takes a JSON array of "
-                                                  "events, or NDJSON with Content-Type "
-                                                  "application/x-ndjson")])
-            items = parsed
+        items = _batch_items(body, ndjson=ndjson)
+        if isinstance(items, Problem):
+            self._count_rejected.inc()
+            return _problems([items])
         accepted = duplicates = 0
         rejected: list[dict[str, object]] = []
         not_taken: list[int] = []
@@ -317,8 +344,10 @@ class Intake:
             if result.dropped_metadata_keys:
                 truncated.append({"index": index,
                                   "dropped_metadata_keys": list(result.dropped_metadata_keys)})
-        closed = bool(not_taken) and self._queue.closed
-        why_not_taken = SHUTTING_DOWN if closed else "the forwarder's queue is full"
+        # Which outcome the not-taken events count as: no await since the offers, so
+        # either the queue was closed for all of them or for none.
+        stopping = bool(not_taken) and self._queue.closed
+        why_not_taken = SHUTTING_DOWN if stopping else "the forwarder's queue is full"
         if offered is not None and (accepted or duplicates):
             # One commit for the whole batch, shared with concurrent requests.
             try:
@@ -333,14 +362,15 @@ class Intake:
                         self._dedup.forget(key)
                 not_taken = sorted(not_taken + [i for i, _ in offered])
                 accepted = 0
-                closed = False
+                stopping = _not_committed(exc) is Admission.SHUTTING_DOWN
                 why_not_taken = _not_stored(exc.reason).removesuffix("; retry later")
         if accepted:
             self._count[Admission.ACCEPTED].inc(accepted)
         if duplicates:
             self._count[Admission.DUPLICATE].inc(duplicates)
-        if not_taken and not closed:
-            self._count[Admission.QUEUE_FULL].inc(len(not_taken))
+        if not_taken:
+            self._count[Admission.SHUTTING_DOWN if stopping
+                        else Admission.QUEUE_FULL].inc(len(not_taken))
         if rejected:
             self._count_rejected.inc(len(rejected))
         answer: dict[str, object] = {"accepted": accepted, "duplicates": duplicates,
