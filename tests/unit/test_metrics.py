@@ -31,7 +31,7 @@ def test_loop_counter_refuses_the_wrong_number_of_labels() -> None:
 
 def test_events_received_series_exist_at_zero_from_the_start() -> None:
     text = Metrics().render()[0].decode()
-    for outcome in ("accepted", "duplicate", "rejected", "queue_full"):
+    for outcome in ("accepted", "duplicate", "rejected", "queue_full", "shutting_down"):
         assert f'intercom_forwarder_events_received_total{{outcome="{outcome}"}} 0.0' in text
 
 
