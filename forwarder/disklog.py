@@ -498,7 +498,8 @@ class DiskLog:
         os.chmod(self.path, 0o600)
         conn = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None)
         try:
-            if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
                 # Only an empty file gets here (check_file moved anything else aside), and
                 # auto_vacuum must be chosen before the first table exists.
                 conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
@@ -508,6 +509,13 @@ class DiskLog:
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {sql.SCHEMA_VERSION}")
                 conn.execute("COMMIT")
+            elif version < sql.SCHEMA_VERSION:  # check_file let only readable versions by
+                conn.execute("BEGIN IMMEDIATE")
+                dropped = conn.execute(sql.SETTLED_KEYS_ONLY).rowcount
+                conn.execute(f"PRAGMA user_version = {sql.SCHEMA_VERSION}")
+                conn.execute("COMMIT")
+                log.info("disklog.migrated", path=str(self.path), from_version=version,
+                         to_version=sql.SCHEMA_VERSION, key_rows_dropped=dropped)
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(f"PRAGMA synchronous = {SYNC_MODES[self.disk_sync]}")
             conn.execute("PRAGMA wal_autocheckpoint = 0")

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import orjson
 
-from forwarder.disksql import COLUMNS, SCHEMA_VERSION, TABLES
+from forwarder.disksql import (COLUMNS, READABLE_VERSIONS, SCHEMA_VERSION, SETTLED_KEYS_ONLY,
+                               TABLES)
 from forwarder.event import Route
 
 _ROUTES = frozenset(r.value for r in Route)
@@ -44,7 +45,7 @@ class Damage:
     reason: str  # SQLITE_NOTADB, SQLITE_CORRUPT..., quick_check_failed, newer_version, ...
     moved_to: Path
     events: int  # rows copied into the fresh file
-    keys: int  # dedup keys copied
+    keys: int  # settled events' dedup keys copied (a queued event's comes with its row)
     unreadable: int  # rows the file's id index lists that no read could get (a lower
     # bound: rows whose index entries were on a damaged page are not counted)
 
@@ -67,7 +68,7 @@ def check_file(path: Path) -> str | None:
             "SELECT name FROM sqlite_schema WHERE type = 'table'")}
         if version == 0 and not found:
             return None
-        if version != SCHEMA_VERSION or not TABLES <= found:
+        if version not in READABLE_VERSIONS or not TABLES <= found:
             return "unknown_schema"
         if conn.execute("PRAGMA quick_check").fetchall() != [("ok",)]:
             return "quick_check_failed"
@@ -113,6 +114,7 @@ def salvage(aside: Path, fresh: sqlite3.Connection, reason: str) -> Damage:
         src.execute("PRAGMA writable_schema = ON")
         events, unreadable = _copy_events(src, fresh)
         keys = _copy_keys(src, fresh)
+        fresh.execute(SETTLED_KEYS_ONLY)  # a version 1 file's, as the log's open does
     finally:
         src.close()
     return Damage(reason=reason, moved_to=aside, events=events, keys=keys,

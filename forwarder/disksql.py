@@ -8,12 +8,20 @@ Tables, with the schema version in PRAGMA user_version:
     0 for an event never retried. The index on due_at (which holds the id too) gives
     the take order: never-retried events by id, then retries by (due_at, id).
   dedup_keys(id INTEGER PRIMARY KEY, key, added_at): disk mode's dedup window (issue 13
-    item 6), written in the same transaction as its event and under the same id, so
-    that it outlives the event (a delivered event's key must stay a duplicate) yet is
-    found by id when a dead-lettered event's key is forgotten. Ids grow with time, so
-    the table is an append-only b-tree with no other index (a 16-byte random primary
-    key with an index on added_at cost ~8 us an event more, bench/disk_queue.py), and
-    keys older than key_window_s are deleted from its start in the background.
+    item 6) for settled events. A queued event's key is its own row's `key`; the
+    transaction that deletes a delivered event copies its key here, under the same id
+    and with its first_received_at as added_at, so the key outlives the event (a
+    delivered event's retry must stay a duplicate) and is found by id when a
+    dead-lettered event's key is forgotten. So accepting an event inserts one row, not
+    two: the intake's rate is the one that matters, settling runs at Intercom's pace
+    (~167 events/s at most), and the key row cost ~1.4 us an event of the writer's ~6
+    (bench/sqlite_insert.py). Schema version 1 wrote the
+    key row at intake; opening such a file drops the key rows of its queued events
+    (their events rows hold the same key), which makes it a version 2 file. Ids grow
+    with time, so the table is an append-only b-tree with no other index (a 16-byte
+    random primary key with an index on added_at cost ~8 us an event more,
+    bench/disk_queue.py), and keys older than key_window_s are deleted from its start in
+    the background.
 
 Only the writer thread calls these functions, on its own connection.
 """
@@ -27,7 +35,8 @@ from typing import Any
 
 from forwarder.event import Event
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = frozenset({1, SCHEMA_VERSION})  # 1 is migrated at open
 SCHEMA = (
     "CREATE TABLE events (id INTEGER PRIMARY KEY, route TEXT NOT NULL, key BLOB NOT NULL,"
     " body BLOB NOT NULL, attempts INTEGER NOT NULL, first_received_at REAL NOT NULL,"
@@ -46,8 +55,13 @@ DUE = (f"SELECT {COLUMNS} FROM events WHERE due_at > 0 AND due_at <= ? AND due_a
        " AND (due_at, id) > (?, ?) ORDER BY due_at, id LIMIT ?")
 NEXT_DUE = ("SELECT due_at FROM events WHERE due_at > 0 AND due_at >= ?"
             " AND (due_at, id) > (?, ?) ORDER BY due_at, id LIMIT 1")
-KEYS = ("SELECT id, key, added_at FROM dedup_keys WHERE id > ? AND added_at >= ?"
-        " ORDER BY id LIMIT ?")
+# A version 1 file's key rows of queued events (see dedup_keys above).
+SETTLED_KEYS_ONLY = "DELETE FROM dedup_keys WHERE id IN (SELECT id FROM events)"
+# The window's keys in id (arrival) order: settled events' rows merged with queued events'.
+KEYS = ("SELECT id, key, added_at FROM dedup_keys WHERE id > ?1 AND added_at >= ?2"
+        " UNION ALL SELECT id, key, first_received_at FROM events"
+        " WHERE id > ?1 AND first_received_at >= ?2 AND length(key) > 0"
+        " ORDER BY id LIMIT ?3")
 PAGES = "SELECT * FROM pragma_page_count(), pragma_freelist_count()"
 # The first key (by id, i.e. arrival) still in the window: every key before it is older.
 FIRST_KEPT = "SELECT id FROM dedup_keys WHERE added_at >= ? ORDER BY id LIMIT 1"
@@ -68,10 +82,9 @@ TABLES = frozenset({"events", "dedup_keys"})
 class WriteBatch:
     """Changes that become durable together, or not at all."""
 
-    events: Sequence[Event] = ()  # new rows (id = event.log_id, due_at 0), keys with them
-    keys_added_at: float = 0.0  # wall time stamped on those events' dedup keys
+    events: Sequence[Event] = ()  # new rows (id = event.log_id, due_at 0)
     retries: Sequence[tuple[int, float, int]] = ()  # (attempts, due_at, id)
-    deletes: Sequence[int] = ()  # ids of settled events
+    deletes: Sequence[int] = ()  # ids of settled events: their keys stay in dedup_keys
     forget_keys: Sequence[int] = ()  # ids whose dedup key goes (dead-lettered events)
 
 
@@ -87,29 +100,33 @@ def apply(conn: sqlite3.Connection, batch: WriteBatch) -> tuple[int, int]:
     deleted = 0
     if batch.events:
         rows: list[Any] = []
-        keys: list[Any] = []
-        at = batch.keys_added_at
         for e in batch.events:
             # A Route is a str: SQLite stores "/events" (reading .value costs ~0.5 us).
             rows += (e.log_id, e.route, e.key, e.body, e.attempts, e.first_received_at)
-            if e.key:
-                keys += (e.log_id, e.key, at)
         _chunked(conn, _INSERT_EVENT, 6, rows)
-        _chunked(conn, _INSERT_KEY, 3, keys)
     if batch.retries:
         conn.executemany("UPDATE events SET attempts = ?, due_at = ? WHERE id = ?",
                          batch.retries)
-    if batch.deletes:
-        deleted = _chunked(conn, _DELETE_EVENTS, 1, list(batch.deletes))
     if batch.forget_keys:
-        _chunked(conn, _DELETE_KEYS, 1, list(batch.forget_keys))
+        # First: a forgotten key still on its event's row must not be kept when the
+        # event is deleted below (or by a later batch).
+        forget = list(batch.forget_keys)
+        _chunked(conn, _DELETE_KEYS, 1, forget)
+        _chunked(conn, _BLANK_EVENT_KEYS, 1, forget)
+    if batch.deletes:
+        ids = list(batch.deletes)
+        _chunked(conn, _KEEP_KEYS, 1, ids)
+        deleted = _chunked(conn, _DELETE_EVENTS, 1, ids)
     return len(batch.events), deleted
 
 
 _INSERT_EVENT = ("INSERT INTO events VALUES {}", "(?, ?, ?, ?, ?, ?, 0.0)", ", ")
-_INSERT_KEY = ("INSERT INTO dedup_keys VALUES {}", "(?, ?, ?)", ", ")
 _DELETE_EVENTS = ("DELETE FROM events WHERE id IN ({})", "?", ", ")
 _DELETE_KEYS = ("DELETE FROM dedup_keys WHERE id IN ({})", "?", ", ")
+_BLANK_EVENT_KEYS = ("UPDATE events SET key = x'' WHERE id IN ({})", "?", ", ")
+# OR IGNORE: a file salvaged from a damaged one may hold a key row already.
+_KEEP_KEYS = ("INSERT OR IGNORE INTO dedup_keys SELECT id, key, first_received_at FROM events"
+              " WHERE id IN ({}) AND length(key) > 0", "?", ", ")
 _STATEMENTS: dict[tuple[tuple[str, str, str], int], str] = {}
 
 

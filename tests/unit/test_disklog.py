@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import random
 import sqlite3
@@ -16,7 +17,7 @@ import pytest
 
 from forwarder.clock import Clock, FakeClock, SystemClock
 from forwarder.disklog import DiskLog, DiskLogError
-from forwarder.disksql import WriteBatch
+from forwarder.disksql import SCHEMA_VERSION, WriteBatch
 from forwarder.event import Event, Route
 
 N_DAMAGED = 3000
@@ -69,8 +70,7 @@ async def open_log(path: Path):
 async def write_events(path: Path, n: int, pad: int = 300) -> None:
     log = DiskLog(path, FakeClock())
     await log.start()
-    await log.write(WriteBatch(events=[ev(i, pad=pad) for i in range(1, n + 1)],
-                               keys_added_at=1.0))
+    await log.write(WriteBatch(events=[ev(i, pad=pad) for i in range(1, n + 1)]))
     await log.close()
 
 
@@ -82,7 +82,7 @@ async def test_committed_events_come_back_after_reopening_with_every_field(open_
                                                                            captured_logs):
     log = await open_log(disk_sync=disk_sync)
     summary = ev(2, route=Route.SUMMARIES)
-    await log.write(WriteBatch(events=[ev(1), summary], keys_added_at=5.0))
+    await log.write(WriteBatch(events=[ev(1), summary]))
     await log.close()
 
     again = await open_log(disk_sync=disk_sync)
@@ -270,28 +270,78 @@ async def test_deleting_settled_events_gives_the_space_back(open_log, path):
 # -- dedup keys ---------------------------------------------------------------------------
 
 
-async def test_dedup_keys_are_written_with_their_events_and_loaded_in_chunks(open_log):
+V1_SCHEMA = (
+    "CREATE TABLE events (id INTEGER PRIMARY KEY, route TEXT NOT NULL, key BLOB NOT NULL,"
+    " body BLOB NOT NULL, attempts INTEGER NOT NULL, first_received_at REAL NOT NULL,"
+    " due_at REAL NOT NULL)",
+    "CREATE INDEX events_due ON events (due_at)",
+    "CREATE TABLE dedup_keys (id INTEGER PRIMARY KEY, key BLOB NOT NULL, added_at REAL NOT NULL)",
+)
+
+
+def received_at(n: int, at: float) -> Event:
+    return dataclasses.replace(ev(n), first_received_at=at)
+
+
+async def test_dedup_keys_of_queued_and_delivered_events_load_in_arrival_order(open_log):
     log = await open_log()
-    await log.write(WriteBatch(events=[ev(i) for i in range(1, 6)], keys_added_at=100.0))
-    await log.write(WriteBatch(events=[ev(i) for i in range(6, 11)], keys_added_at=200.0))
-    await log.write(WriteBatch(events=[Event(b"{}", b"", log_id=11)], keys_added_at=300.0))
-    await log.write(WriteBatch(forget_keys=[7], deletes=[7]))
+    await log.write(WriteBatch(events=[received_at(i, 100.0) for i in range(1, 6)]))
+    await log.write(WriteBatch(events=[received_at(i, 200.0) for i in range(6, 11)]))
+    await log.write(WriteBatch(events=[Event(b"{}", b"", log_id=11, first_received_at=300.0)]))
+    await log.write(WriteBatch(deletes=[6, 8]))  # delivered: their keys stay
+    await log.write(WriteBatch(forget_keys=[7], deletes=[7]))  # dead-lettered: key goes
+    await log.write(WriteBatch(forget_keys=[9]))  # forgotten while queued...
+    await log.write(WriteBatch(deletes=[9]))  # ...stays forgotten when settled later
     await log.close()
 
     again = await open_log()
+    assert [r[0] for r in (await everything(again)).fresh] == [1, 2, 3, 4, 5, 10, 11]
     chunks = [c async for c in again.load_keys(150.0, chunk=2)]
-    assert [len(c) for c in chunks] == [2, 2]
-    assert [k for c in chunks for k in c] == [(ev(i).key, 200.0) for i in (6, 8, 9, 10)]
+    assert [len(c) for c in chunks] == [2, 1]
+    # 6 and 8 from the settled keys, 10 from its queued event; the keyless 11 has none
+    assert [k for c in chunks for k in c] == [(ev(i).key, 200.0) for i in (6, 8, 10)]
 
 
 async def test_dedup_keys_older_than_the_window_expire(open_log):
     clock = FakeClock()
     log = await open_log(clock=clock, key_window_s=3600)
-    await log.write(WriteBatch(events=[ev(1)], keys_added_at=clock.wall() - 7200))
-    await log.write(WriteBatch(events=[ev(2)], keys_added_at=clock.wall() - 60))
+    await log.write(WriteBatch(events=[received_at(1, clock.wall() - 7200),
+                                       received_at(2, clock.wall() - 60)]))
+    await log.write(WriteBatch(deletes=[1, 2]))
     await log.maintain()
     keys = [k for c in [c async for c in log.load_keys(0.0)] for k, _ in c]
     assert keys == [ev(2).key]
+
+
+async def test_a_version_1_file_keeps_its_events_and_keys_once_each(open_log, path,
+                                                                   captured_logs):
+    """Version 1 wrote every event's key row at intake; opening drops the rows of queued
+    events (their own row has the key), and delivering one later keeps its key."""
+    path.parent.mkdir(parents=True)
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+    conn.execute("PRAGMA journal_mode = WAL")
+    for statement in V1_SCHEMA:
+        conn.execute(statement)
+    conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, 0.0)",
+                     [(i, "/events", ev(i).key, ev(i).body, 0, 500.0) for i in (2, 3)])
+    conn.executemany("INSERT INTO dedup_keys VALUES (?, ?, ?)",
+                     [(i, ev(i).key, 500.0) for i in (1, 2, 3)])  # 1 was delivered
+    conn.execute("PRAGMA user_version = 1")
+    conn.close()
+
+    log = await open_log()
+    migrated = [e for e in captured_logs if e["event"] == "disklog.migrated"]
+    assert [(e["from_version"], e["to_version"], e["key_rows_dropped"]) for e in migrated] \
+        == [(1, SCHEMA_VERSION, 2)]
+    assert not [e for e in captured_logs if e["event"] == "disklog.damaged"]
+    assert [r[0] for r in (await everything(log)).fresh] == [2, 3]
+    await log.write(WriteBatch(deletes=[2]))  # no second key row for 2: no conflict
+    keys = [k for c in [c async for c in log.load_keys(0.0)] for k, _ in c]
+    assert keys == [ev(1).key, ev(2).key, ev(3).key]
+    await log.close()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
 # -- a damaged file at start ---------------------------------------------------------------
@@ -358,7 +408,11 @@ async def test_bad_pages_cost_only_the_rows_on_them_and_are_counted(
     if exact:  # the id index is intact: every lost row is counted
         assert len(rows) + log.damage.unreadable == N_DAMAGED
     assert all(row[3] == ev(row[0], pad=300).body for row in rows)
-    assert log.damage.keys == N_DAMAGED
+    # None was delivered: each key comes with its salvaged row, and only with it (so a
+    # client's retry of an event lost on a bad page is not taken for a duplicate).
+    assert log.damage.keys == 0
+    keys = [k for c in [c async for c in log.load_keys(0.0)] for k, _ in c]
+    assert keys == [ev(row[0]).key for row in rows] + [ev(N_DAMAGED + 1).key]
 
 
 async def test_a_file_from_a_newer_version_is_moved_aside_with_its_wal(open_log, path,

@@ -495,7 +495,7 @@ async def test_dedup_keys_of_committed_events_outlive_a_restart(make_queue):
 
     again = await make_queue(clock=clock)
     keys = [k async for chunk in again.load_keys(clock.wall() - 60) for k in chunk]
-    assert keys == [(ev(1).key, clock.wall())]
+    assert keys == [(ev(1).key, ev(1).first_received_at)]  # its age: from its receipt
 
 
 # -- timing ----------------------------------------------------------------------------------
