@@ -15,13 +15,12 @@ Tables, with the schema version in PRAGMA user_version:
     dead-lettered event's key is forgotten. So accepting an event inserts one row, not
     two: the intake's rate is the one that matters, settling runs at Intercom's pace
     (~167 events/s at most), and the key row cost ~1.4 us an event of the writer's ~6
-    (bench/sqlite_insert.py). Schema version 1 wrote the
-    key row at intake; opening such a file drops the key rows of its queued events
-    (their events rows hold the same key), which makes it a version 2 file. Ids grow
-    with time, so the table is an append-only b-tree with no other index (a 16-byte
-    random primary key with an index on added_at cost ~8 us an event more,
-    bench/disk_queue.py), and keys older than key_window_s are deleted from its start in
-    the background.
+    (bench/sqlite_insert.py). Schema version 1 wrote the key row at intake; opening
+    such a file drops the key rows of its queued events (their events rows hold the
+    same key), which makes it a version 2 file. Ids grow with time, so the table is an
+    append-only b-tree with no other index (a 16-byte random primary key with an index
+    on added_at cost ~8 us an event more, bench/disk_queue.py), and keys older than
+    key_window_s are deleted from its start in the background.
 
 Only the writer thread calls these functions, on its own connection.
 """
