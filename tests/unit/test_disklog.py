@@ -313,22 +313,28 @@ async def test_dedup_keys_older_than_the_window_expire(open_log):
     assert keys == [ev(2).key]
 
 
-async def test_a_version_1_file_keeps_its_events_and_keys_once_each(open_log, path,
-                                                                   captured_logs):
-    """Version 1 wrote every event's key row at intake; opening drops the rows of queued
-    events (their own row has the key), and delivering one later keeps its key."""
+def write_v1_file(path: Path, queued: range, delivered: range, pad: int = 0) -> None:
+    """A file as version 1 wrote it: every accepted event's key row, its own row too while
+    it is queued."""
     path.parent.mkdir(parents=True)
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
     conn.execute("PRAGMA journal_mode = WAL")
     for statement in V1_SCHEMA:
         conn.execute(statement)
-    conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, 0.0)",
-                     [(i, "/events", ev(i).key, ev(i).body, 0, 500.0) for i in (2, 3)])
     conn.executemany("INSERT INTO dedup_keys VALUES (?, ?, ?)",
-                     [(i, ev(i).key, 500.0) for i in (1, 2, 3)])  # 1 was delivered
+                     [(i, ev(i).key, 500.0) for i in sorted([*queued, *delivered])])
+    conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, 0.0)",
+                     [(i, "/events", ev(i).key, ev(i, pad=pad).body, 0, 500.0) for i in queued])
     conn.execute("PRAGMA user_version = 1")
     conn.close()
+
+
+async def test_a_version_1_file_keeps_its_events_and_keys_once_each(open_log, path,
+                                                                   captured_logs):
+    """Version 1 wrote every event's key row at intake; opening drops the rows of queued
+    events (their own row has the key), and delivering one later keeps its key."""
+    write_v1_file(path, queued=range(2, 4), delivered=range(1, 2))
 
     log = await open_log()
     migrated = [e for e in captured_logs if e["event"] == "disklog.migrated"]
@@ -342,6 +348,18 @@ async def test_a_version_1_file_keeps_its_events_and_keys_once_each(open_log, pa
     await log.close()
     with contextlib.closing(sqlite3.connect(path)) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+async def test_a_torn_version_1_file_is_salvaged_with_each_key_once(open_log, path,
+                                                                    captured_logs):
+    write_v1_file(path, queued=range(11, N_DAMAGED + 1), delivered=range(1, 11), pad=300)
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size * 3 // 4)
+    log, rows = await reopen_damaged(open_log, path, captured_logs)
+    assert N_DAMAGED / 4 < len(rows) < N_DAMAGED
+    keys = [k for c in [c async for c in log.load_keys(0.0)] for k, _ in c]
+    assert len(keys) == len(set(keys))  # a queued event's key once, not twice
+    assert {ev(row[0]).key for row in rows} | {ev(N_DAMAGED + 1).key} <= set(keys)
 
 
 # -- a damaged file at start ---------------------------------------------------------------
