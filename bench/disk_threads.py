@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -92,6 +93,9 @@ def main() -> None:
                           f"  CPU µs/event: {threads}", flush=True)
         finally:
             sink.terminate()
+            if args.ref:
+                subprocess.run(["git", "-C", str(ri.ROOT), "worktree", "remove", "--force",
+                                str(trees[f"disk {args.ref}"])], check=False, capture_output=True)
     print("\nmedians over rounds (events/s ratio to memory per round; CPU µs/event):")
     for target in trees:
         ratios = []
