@@ -326,20 +326,16 @@ class Intake:
         # The dedup: one call for the whole request (with a fleet: one Redis round trip).
         keys = [n.event.key for n in valid if n.event.key]
         fresh = iter(await self._dedup.add_if_absent_many(keys) if keys else ())
-        # A durable queue: the index and key of every event offered, to undo if the commit
-        # fails (memory mode keeps no such lists). Two flat lists, not (index, key) pairs:
-        # the tuples would be objects for the cycle collector to walk while the commit is
-        # awaited (see below). No await from here to the commit: the queue cannot close
-        # half-way through.
-        offered: list[int] | None = [] if self._queue.durable else None
-        offered_keys: list[bytes] = []
+        # A durable queue: (index, key) of every event offered, to undo if the commit fails
+        # (memory mode keeps no such list). No await from here to the commit: the queue
+        # cannot close half-way through.
+        offered: list[tuple[int, bytes]] | None = [] if self._queue.durable else None
         for index, result in zip(indexes, valid):
             admission = self._admit(result, next(fresh) if result.event.key else True)
             if admission is Admission.ACCEPTED:
                 accepted += 1
                 if offered is not None:
-                    offered.append(index)
-                    offered_keys.append(result.event.key)
+                    offered.append((index, result.event.key))
             elif admission is Admission.DUPLICATE:
                 duplicates += 1
             else:
@@ -366,10 +362,10 @@ class Intake:
                 # those (not_taken). Duplicates stay answered as such: their first copy is
                 # either settled in an earlier request or one of those not_taken here,
                 # which the client resends.
-                for key in offered_keys:
+                for _, key in offered:
                     if key:
                         self._dedup.forget(key)
-                not_taken = sorted(not_taken + offered)
+                not_taken = sorted(not_taken + [i for i, _ in offered])
                 accepted = 0
                 stopping = _not_committed(exc) is Admission.SHUTTING_DOWN
                 why_not_taken = _not_stored(exc.reason).removesuffix("; retry later")
