@@ -23,7 +23,9 @@ each start measured, the state dir is copied afresh and a new daemon (forwarding
 fresh sink) is exec'd on it: the time from exec until the sink receives its first event
 and until /readyz answers 200, and the daemon's RSS then and after --settle s of
 forwarding (and its peak). With --compare-ref REF the same starts run with REF's code
-too (a git worktree), in A B B A order: the figure for a change to the start path.
+too (a git worktree), in A B B A order: the figure for a change to the start path. Both
+codes start on the one filled state dir, so REF must share this checkout's schema
+version (disksql.SCHEMA_VERSION): an older code moves a newer file aside and salvages it.
 """
 
 from __future__ import annotations
